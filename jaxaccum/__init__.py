@@ -1,14 +1,28 @@
-"""jaxaccum: exact gradient accumulation for JAX, optax and Flax."""
+"""jaxaccum: exact gradient accumulation for JAX, optax and Flax.
+
+``jaxaccum.nnx`` (Flax NNX adapters) is imported on first use, so the core
+never imports flax.
+"""
+
+import importlib
 
 from jaxaccum._accumulate import grad, value_and_grad
 from jaxaccum._multi_steps import MultiStepsState, has_updated, multi_steps
+from jaxaccum._stats import AccumulationStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulationStats",
     "MultiStepsState",
     "grad",
     "has_updated",
     "multi_steps",
     "value_and_grad",
 ]
+
+
+def __getattr__(name: str):
+  if name == "nnx":
+    return importlib.import_module("jaxaccum.nnx")
+  raise AttributeError(f"module 'jaxaccum' has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,49 +12,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxaccum import _collectives, _split
+from jaxaccum import _collectives, _loop, _split
 
 PyTree = Any
 _REDUCTIONS = ("mean", "sum")
 _AUX_REDUCTIONS = ("mean", "sum", "stack")
-
-
-class _Sums(NamedTuple):
-  """What the loop carries: running sums over micro-batches.
-
-  Attributes:
-    grads: sum of (weighted) gradients, in the accumulator dtype.
-    value: sum of (weighted) losses, in float32 or wider.
-    weight: sum of weights (``()`` without ``weight_fn``).
-    aux: sums of the auxiliary outputs (``()`` unless reduced by mean or sum).
-  """
-
-  grads: PyTree
-  value: jax.Array
-  weight: Any
-  aux: PyTree
-
-
-def _wide(dtype) -> jnp.dtype:
-  """A float dtype of at least 32 bits to sum values of ``dtype`` in."""
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4:
-    return dtype
-  return jnp.dtype(jnp.float32)
-
-
-def _weighted(x: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
-  """``w * x`` in ``dtype``, exactly zero where ``w == 0`` (even if x is NaN)."""
-  x = x.astype(dtype)
-  if w is None:
-    return x
-  return jnp.where(w > 0, w.astype(dtype) * x, jnp.zeros_like(x))
-
-
-def _ratio(total: jax.Array, weight: jax.Array) -> jax.Array:
-  """``total / weight`` where weight is positive, zero where it is not."""
-  safe = jnp.where(weight > 0, weight, jnp.ones_like(weight)).astype(total.dtype)
-  return jnp.where(weight > 0, total / safe, jnp.zeros_like(total))
+_STATE_POLICIES = ("sequential", "mean")
 
 
 def value_and_grad(
@@ -73,6 +36,10 @@ def value_and_grad(
     axis_name: Hashable | Sequence[Hashable] | None = None,
     data_axis: Hashable | Sequence[Hashable] | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    state_argnums: int | Sequence[int] = (),
+    state_policy: str | Sequence[str] = "sequential",
+    with_stats: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., Any]:
   """Like :func:`jax.value_and_grad`, accumulated over micro-batches.
 
@@ -129,6 +96,25 @@ def value_and_grad(
       ``jax.shard_map`` over that axis, with the reduction of ``axis_name``.
     mesh: the mesh for ``data_axis``; defaults to the ambient mesh
       (``jax.set_mesh``).
+    state_argnums: positional argument(s) holding mutable model state, such as
+      Flax Linen ``batch_stats``, threaded through the loop. ``fun`` then
+      returns ``(loss, new_state)`` (``(loss, (aux, new_state))`` with
+      ``has_aux``; a tuple of new states for a tuple ``state_argnums``), and the
+      result carries the final state where ``jax.value_and_grad(fun,
+      has_aux=True)`` would: ``((value, state), grads)``. Under
+      ``axis_name`` / ``data_axis`` the final state is averaged over devices.
+    state_policy: per state argument (or one for all): ``"sequential"``:
+      micro-batch ``i`` sees the state left by micro-batch ``i - 1``, the same
+      as ``N`` small forward passes; ``"mean"``: every micro-batch starts from
+      the input state and the result is the mean of the ``N`` new states
+      (integer leaves: floor of the mean).
+    with_stats: also return an :class:`jaxaccum.AccumulationStats` (gradient
+      noise scale, skipped micro-batches): the function then returns
+      ``(result, stats)``. Costs one squared norm per micro-batch.
+    skip_nonfinite: leave out of the sums every micro-batch whose loss or
+      gradients hold a NaN or an infinity (its weight becomes zero, so the mean
+      is over the others; its sequential state update is dropped). The
+      default propagates them, so nothing is hidden silently.
 
   Returns:
     A function with the signature of ``fun`` returning what
@@ -174,27 +160,41 @@ def value_and_grad(
     raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}")
   if mesh is not None and data_axis is None:
     raise ValueError("mesh= is only used with data_axis=")
+  state_t = _split.normalize_argnums("state_argnums", state_argnums)
+  if set(state_t) & set(argnums_t + batch_t + rng_t):
+    raise ValueError(
+        f"state_argnums={state_argnums!r} overlaps argnums, batch_argnums or "
+        f"rng_argnums ({argnums=}, {batch_argnums=}, {rng_argnums=})")
+  policies = ((state_policy,) * len(state_t) if isinstance(state_policy, str)
+              else tuple(state_policy))
+  if len(policies) != len(state_t) or any(p not in _STATE_POLICIES for p in policies):
+    raise ValueError(
+        f"{state_policy=} must be one of {_STATE_POLICIES}, or one of them per "
+        f"entry of {state_argnums=}")
 
-  config = _Config(
-      fun=fun, grad_fn=jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux),
+  config = _loop.Config(
+      grad_fn=jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux or bool(state_t)),
       num_microbatches=num_microbatches, microbatch_size=microbatch_size,
       argnums=argnums_t, batch_argnums=batch_t, rng_argnums=rng_t,
-      has_aux=has_aux, weight_fn=weight_fn, reduction=reduction,
-      aux_reduction=aux_reduction, accumulator_dtype=accumulator_dtype,
+      state_argnums=state_t, state_policies=policies,
+      state_is_tuple=not isinstance(state_argnums, int), has_aux=has_aux,
+      weight_fn=weight_fn, reduction=reduction, aux_reduction=aux_reduction,
+      accumulator_dtype=accumulator_dtype, with_stats=with_stats,
+      skip_nonfinite=skip_nonfinite,
   )
-  positions = argnums_t + batch_t + rng_t
+  positions = argnums_t + batch_t + rng_t + state_t
 
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
     if positions and max(positions) >= len(args):
       raise ValueError(
-          f"argnums={argnums!r}, batch_argnums={batch_argnums!r} and "
-          f"rng_argnums={rng_argnums!r} must name positional arguments, but the "
-          f"function was called with {len(args)}"
+          f"argnums={argnums!r}, batch_argnums={batch_argnums!r}, "
+          f"rng_argnums={rng_argnums!r} and state_argnums={state_argnums!r} must "
+          f"name positional arguments, but the function was called with {len(args)}"
       )
     if data_axis is not None:
       return _data_parallel(config, args, kwargs, data_axis, mesh)
-    return _accumulate(config, args, kwargs, _collectives.axes_of(axis_name))
+    return _loop.run(config, args, kwargs, _collectives.axes_of(axis_name))
 
   return wrapped
 
@@ -203,7 +203,9 @@ def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:
   """Like :func:`jax.grad`, accumulated over micro-batches.
 
   Takes the options of :func:`jaxaccum.value_and_grad` and returns only the
-  gradients (``(grads, aux)`` with ``has_aux=True``).
+  gradients: ``grads``, or ``(grads, aux)`` with ``has_aux=True`` (the aux slot
+  holds the final state with ``state_argnums``), and ``(that, stats)`` with
+  ``with_stats=True``.
 
   Example:
 
@@ -214,136 +216,21 @@ def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     21.0
   """
   vg = value_and_grad(fun, **options)
-  has_aux = options.get("has_aux", False)
+  has_aux = options.get("has_aux", False) or bool(
+      _split.normalize_argnums("state_argnums", options.get("state_argnums", ())))
+  with_stats = options.get("with_stats", False)
 
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
-    out, grads = vg(*args, **kwargs)
-    return (grads, out[1]) if has_aux else grads
+    result = vg(*args, **kwargs)
+    (out, grads), stats = result if with_stats else (result, None)
+    grads = (grads, out[1]) if has_aux else grads
+    return (grads, stats) if with_stats else grads
 
   return wrapped
 
 
-class _Config(NamedTuple):
-  fun: Callable[..., Any]
-  grad_fn: Callable[..., Any]
-  num_microbatches: int | None
-  microbatch_size: int | None
-  argnums: tuple[int, ...]
-  batch_argnums: tuple[int, ...]
-  rng_argnums: tuple[int, ...]
-  has_aux: bool
-  weight_fn: Callable[..., Any] | None
-  reduction: str
-  aux_reduction: str
-  accumulator_dtype: Any
-
-
-def _accumulate(config: _Config, args: tuple, kwargs: dict,
-                axes: tuple[Hashable, ...], rng_salt: jax.Array | None = None,
-                num_microbatches: int | None = None):
-  """The loop on one device (or on every device of ``axes``)."""
-  batch = tuple(args[i] for i in config.batch_argnums)
-  size = _split.batch_size(batch)
-  n = num_microbatches or _split.resolve_num_microbatches(
-      size, config.num_microbatches, config.microbatch_size)
-  args = list(args)
-  # Device-varying parameters keep every micro-step's gradient device-local.
-  for i in config.argnums:
-    args[i] = _collectives.to_varying(args[i], axes)
-  keys = {i: args[i] if rng_salt is None else jax.random.fold_in(args[i], rng_salt)
-          for i in config.rng_argnums}
-
-  def one(index, micro):
-    """The (weighted) contribution of one micro-batch, and its stacked aux."""
-    call = list(args)
-    for pos, part in zip(config.batch_argnums, micro):
-      call[pos] = part
-    for pos, key in keys.items():
-      call[pos] = jax.random.fold_in(key, index)
-    out, grads = config.grad_fn(*call, **kwargs)
-    value, aux = out if config.has_aux else (out, ())
-    w = None
-    if config.weight_fn is not None:
-      w = jnp.asarray(config.weight_fn(*micro))
-      w = w.astype(_wide(w.dtype))
-    acc = config.accumulator_dtype
-    sums = _Sums(
-        grads=jax.tree.map(
-            lambda g: _weighted(g, w, g.dtype if acc is None else acc), grads),
-        value=_weighted(value, w, _wide(value.dtype)),
-        weight=() if w is None else w,
-        aux=_aux_contribution(config.aux_reduction, aux, w),
-    )
-    stacked = aux if config.aux_reduction == "stack" else ()
-    return _collectives.to_varying((sums, stacked), axes), (value, grads)
-
-  if n == 1:
-    (sums, stacked), (value, grads) = one(0, batch)
-    stacked = jax.tree.map(lambda x: x[None], stacked)
-  else:
-    strided = _split.stride(batch, n)
-
-    def body(carry, index):
-      with jax.named_scope("jaxaccum/microbatch"):
-        (sums, stacked), _ = one(index, _split.microbatch(strided, index))
-        return jax.tree.map(jnp.add, carry, sums), stacked
-
-    (shapes, _), (value, grads) = jax.eval_shape(
-        lambda: one(0, _split.microbatch(strided, 0)))
-    init = _collectives.to_varying(
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), axes)
-    sums, stacked = lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
-
-  with jax.named_scope("jaxaccum/reduce"):
-    return _finalize(config, sums, stacked, n, axes, value.dtype, grads)
-
-
-def _aux_contribution(aux_reduction: str, aux: PyTree, w: jax.Array | None) -> PyTree:
-  """What one micro-batch adds to the aux sums (``()`` for ``"stack"``)."""
-  if aux_reduction == "mean":
-    return jax.tree.map(lambda a: _weighted(a, w, _wide(a.dtype)),
-                        jax.tree.map(jnp.asarray, aux))
-  if aux_reduction == "sum":
-    return jax.tree.map(
-        lambda a: a.astype(jnp.int32) if a.dtype == jnp.bool_ else a,
-        jax.tree.map(jnp.asarray, aux))
-  return ()
-
-
-def _finalize(config: _Config, sums: _Sums, stacked: PyTree, n: int,
-              axes: tuple[Hashable, ...], value_dtype, grads_like: PyTree):
-  """Reduces the sums across devices (one psum) and forms the results."""
-  sums, stacked = _collectives.psum((sums, stacked), axes)
-  weighted = config.weight_fn is not None
-  devices = _collectives.axis_size(axes)
-  if weighted:
-    total = sums.weight
-  else:
-    total = jnp.asarray(n * devices, _wide(sums.value.dtype))
-
-  def mean(x):
-    return _ratio(x, total.astype(x.dtype)) if weighted else x / total.astype(x.dtype)
-
-  finish = mean if config.reduction == "mean" else (lambda x: x)
-  grads = jax.tree.map(lambda s, g: finish(s).astype(g.dtype), sums.grads, grads_like)
-  value = finish(sums.value).astype(value_dtype)
-  if not config.has_aux:
-    return value, grads
-  if config.aux_reduction == "mean":
-    aux = jax.tree.map(mean, sums.aux)
-  elif config.aux_reduction == "sum":
-    aux = sums.aux
-  elif devices == 1:
-    aux = stacked
-  else:
-    aux = jax.tree.map(
-        lambda a: a.astype(_wide(a.dtype)) / jnp.asarray(devices, _wide(a.dtype)),
-        stacked)
-  return (value, aux), grads
-
-
-def _data_parallel(config: _Config, args: tuple, kwargs: dict,
+def _data_parallel(config: _loop.Config, args: tuple, kwargs: dict,
                    data_axis: Hashable | Sequence[Hashable],
                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None):
   """Runs the loop in a ``shard_map`` over ``data_axis``: one reduction after it."""
@@ -375,8 +262,8 @@ def _data_parallel(config: _Config, args: tuple, kwargs: dict,
 
   def local(*local_args):
     salt = lax.axis_index(axes if len(axes) > 1 else axes[0])
-    return _accumulate(config, local_args, kwargs, axes, rng_salt=salt,
-                       num_microbatches=n)
+    return _loop.run(config, local_args, kwargs, axes, rng_salt=salt,
+                     num_microbatches=n)
 
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
                        axis_names=frozenset(axes))(*args)
