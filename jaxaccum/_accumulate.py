@@ -70,8 +70,9 @@ def value_and_grad(
     batch_argnums: positional argument(s) holding the batch: pytrees of arrays
       sharing one leading axis of size ``B``.
     has_aux: whether ``fun`` returns ``(loss, aux)``.
-    weight_fn: called as ``weight_fn(*micro_batch_args)``, returns the weight of
-      one micro-batch (e.g. its number of non-padding tokens). The result is
+    weight_fn: called as ``weight_fn(*micro_batch_args)``, returns the
+      non-negative scalar weight of one micro-batch (e.g. its number of
+      non-padding tokens). The result is
       then ``sum_i w_i f_i / sum_i w_i``; a micro-batch of weight zero
       contributes nothing, even a NaN loss, and if every weight is zero the
       value and gradients are zero.

@@ -142,6 +142,8 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
     w = None
     if config.weight_fn is not None:
       w = jnp.asarray(config.weight_fn(*micro))
+      if w.shape != ():
+        raise ValueError(f"weight_fn must return a scalar per micro-batch, got shape {w.shape}")
       w = w.astype(_wide(w.dtype))
     if keep is not None:
       w = jnp.where(keep, jnp.ones([], jnp.float32) if w is None else w, 0)
@@ -174,7 +176,7 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
   seq_init = _collectives.to_varying(tuple(args[p] for p in seq_pos), axes)
   if n == 1:
     (sums, seq_states, stacked), (value, grads) = one(0, batch, seq_init)
-    stacked = jax.tree.map(lambda x: x[None], stacked)
+    stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], stacked)
   else:
     strided = _split.stride(batch, n)
 
@@ -195,7 +197,7 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
   with jax.named_scope("jaxaccum/reduce"):
     inputs = {p: args[p] for p in mean_pos}
     return _finalize(config, sums, seq_states, stacked, inputs, n, size, axes,
-                     value.dtype, grads)
+                     value, grads)
 
 
 def _unpack(config: Config, out) -> tuple[jax.Array, PyTree, tuple]:
@@ -220,8 +222,12 @@ def _aux_contribution(aux_reduction: str, aux: PyTree, w: jax.Array | None) -> P
 
 def _finalize(config: Config, sums: _Sums, seq_states: tuple, stacked: PyTree,
               mean_inputs: dict, n: int, size: int, axes: tuple[Hashable, ...],
-              value_dtype, grads_like: PyTree):
-  """Reduces the sums across devices (one psum) and forms the results."""
+              value_like: jax.Array, grads_like: PyTree):
+  """Reduces the sums across devices (one psum) and forms the results.
+
+  ``value_like`` and ``grads_like`` give the output dtypes; when there is a
+  single micro-batch on a single device they are its actual results.
+  """
   sums, seq_states, stacked = _collectives.psum((sums, seq_states, stacked), axes)
   devices = _collectives.axis_size(axes)
   if config.weighted:
@@ -237,7 +243,12 @@ def _finalize(config: Config, sums: _Sums, seq_states: tuple, stacked: PyTree,
   finish = mean if config.reduction == "mean" else (lambda x: x)
   acc_grads = jax.tree.map(finish, sums.grads)
   grads = jax.tree.map(lambda s, g: s.astype(g.dtype), acc_grads, grads_like)
-  value = finish(sums.value).astype(value_dtype)
+  value = finish(sums.value).astype(value_like.dtype)
+  if n * devices == 1 and config.weighted and config.reduction == "mean":
+    # w * f / w can differ from f in the last bit: return f itself.
+    keep = sums.weight > 0
+    grads = jax.tree.map(lambda g: jnp.where(keep, g, jnp.zeros_like(g)), grads_like)
+    value = jnp.where(keep, value_like, jnp.zeros_like(value_like))
 
   aux = ()
   if config.aux_reduction == "mean":

@@ -31,6 +31,13 @@ class MultiStepsState(NamedTuple):
       accumulated calls without ``weight``).
     skip_state: the second output of ``should_skip_update_fn`` on the last
       call (``()`` without one).
+
+  Example:
+
+    >>> import jax.numpy as jnp, optax, jaxaccum
+    >>> state = jaxaccum.multi_steps(optax.adam(1e-3), 4).init(jnp.zeros(3))
+    >>> isinstance(state, jaxaccum.MultiStepsState), int(state.mini_step)
+    (True, 0)
   """
 
   mini_step: jax.Array
@@ -142,6 +149,10 @@ def multi_steps(
       raise ValueError(
           "should_skip_update_fn must return a boolean scalar, got dtype "
           f"{skip.dtype} and shape {skip.shape}")
+    if axes and should_skip_update_fn is not None:
+      # Devices must agree, or only some would enter the cycle's all-reduce:
+      # a call skipped on any device is skipped on all of them.
+      skip = lax.pmax(_collectives.to_varying(skip.astype(jnp.int32), axes), axes) > 0
     w = jnp.ones([], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
     # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
     w = jnp.where(skip, jnp.zeros_like(w), w)

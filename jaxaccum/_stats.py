@@ -38,6 +38,15 @@ class AccumulationStats(NamedTuple):
   The estimates are NaN when there is a single micro-batch gradient
   (``B_small == B_big``), and assume every row weighs the same (with a
   ``weight_fn`` they are approximate).
+
+  Example:
+
+    >>> import jax.numpy as jnp, jaxaccum
+    >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
+    >>> f = jaxaccum.value_and_grad(loss, num_microbatches=4, with_stats=True)
+    >>> (value, grads), stats = f(jnp.float32(0.0), jnp.arange(8.0))
+    >>> int(stats.num_microbatches), int(stats.microbatch_size)
+    (4, 2)
   """
 
   microbatch_sq_norm: jax.Array

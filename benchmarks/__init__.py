@@ -1,0 +1,4 @@
+"""Benchmarks of jaxaccum: step time, floor and memory on a GPT-2-shaped model.
+
+``python benchmarks/bench_step.py --help`` lists the options.
+"""

@@ -1,0 +1,111 @@
+"""One process of the two-process test in ``test_multihost.py``.
+
+Run as ``python _multihost_worker.py --coordinator 127.0.0.1:PORT
+--process-id I --num-processes 2 --out RESULT.npz``: joins the distributed
+system with 4 CPU devices, builds the global 8-device mesh, runs
+``jaxaccum.value_and_grad(..., data_axis="data")`` on a batch sharded over
+all 8 devices of both processes, and saves the value, the gradients and the
+collective counts of the compiled step. Importing this module has no side
+effect: the test imports it for :func:`problem` and :func:`masked_loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+GLOBAL_BATCH = 32
+NUM_MICROBATCHES = 2
+
+
+def problem() -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Parameters and the global batch ``(x, y, mask)``, the same in every process.
+
+  Rows are masked unevenly, so each process holds a different number of
+  unmasked rows and only a global token-weighted mean is right.
+  """
+  rng = np.random.default_rng(0)
+  params = {"w1": rng.normal(size=(3, 8)).astype(np.float32) / 2,
+            "b1": np.full((8,), 0.1, np.float32),
+            "w2": rng.normal(size=(8, 2)).astype(np.float32) / 3}
+  x = rng.normal(size=(GLOBAL_BATCH, 3)).astype(np.float32)
+  y = np.sin(x[:, :2]).astype(np.float32)
+  mask = (np.arange(GLOBAL_BATCH) % 7 < np.arange(GLOBAL_BATCH) % 5).astype(np.float32)
+  mask[: GLOBAL_BATCH // 2 : 3] = 1.0
+  return params, (x, y, mask)
+
+
+def masked_loss(params, batch):
+  """Squared error averaged over the unmasked rows."""
+  import jax.numpy as jnp
+
+  x, y, mask = batch
+  pred = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+  err = jnp.sum(jnp.square(pred - y), axis=-1)
+  return jnp.sum(err * mask) / jnp.sum(mask)
+
+
+def num_rows(batch):
+  import jax.numpy as jnp
+
+  return jnp.sum(batch[2])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--coordinator", required=True)
+  parser.add_argument("--process-id", type=int, required=True)
+  parser.add_argument("--num-processes", type=int, required=True)
+  parser.add_argument("--local-devices", type=int, default=4)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+
+  import jax
+
+  # Before any computation: CPU only, this many local devices, and gloo
+  # for the collectives between processes (jax 0.10's default, set to be
+  # explicit).
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", args.local_devices)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=args.coordinator,
+                             num_processes=args.num_processes,
+                             process_id=args.process_id,
+                             initialization_timeout=120)
+
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import jaxaccum
+
+  devices = args.num_processes * args.local_devices
+  if (jax.device_count(), jax.local_device_count()) != (devices, args.local_devices):
+    raise SystemExit(f"expected {devices} devices, {args.local_devices} local; got "
+                     f"{jax.device_count()} and {jax.local_device_count()}")
+  mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  params, batch = problem()
+  # Each process loads only its own rows, as a data loader would; the
+  # parameters are the same everywhere and so replicated.
+  rows = GLOBAL_BATCH // args.num_processes
+  local_rows = slice(args.process_id * rows, (args.process_id + 1) * rows)
+  batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P("data")), x[local_rows]), batch)
+  params = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P()), x), params)
+  step = jax.jit(jaxaccum.value_and_grad(
+      masked_loss, num_microbatches=NUM_MICROBATCHES, weight_fn=num_rows,
+      data_axis="data", mesh=mesh))
+  value, grads = step(params, batch)
+  counts = jaxaccum.count_collectives(step, params, batch)
+  # The results are replicated: this process's first shard is the whole value.
+  local = lambda x: np.asarray(x.addressable_data(0))
+  np.savez(args.out, value=local(value),
+           **{f"grad_{k}": local(v) for k, v in grads.items()},
+           inside_loops=np.asarray(counts.inside_loops),
+           outside_loops=np.asarray(counts.outside_loops))
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

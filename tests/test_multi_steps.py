@@ -1,0 +1,337 @@
+"""``jaxaccum.multi_steps``: k micro-step gradients equal one full-batch step.
+
+References are the inner optimizer fed the full-batch gradient, a Python loop,
+and ``optax.MultiSteps``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import jaxaccum
+from _models import (assert_rel_close, assert_trees_equal, mlp_batch, mlp_init,
+                     mlp_loss, rel_error, standard_promotion)
+
+K = 4
+CYCLES = 3
+
+
+def _loss(params, batch):
+  # Scaled so that the global-norm clipping of the inner optimizer is active.
+  return 20.0 * mlp_loss(params, batch)
+
+
+def _inner():
+  schedule = optax.warmup_cosine_decay_schedule(0.02, 0.05, warmup_steps=1, decay_steps=6)
+  return standard_promotion(optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1)))
+
+
+def _optax_multisteps(inner, every_k_schedule, **kwargs):
+  """``optax.MultiSteps``, traced under standard promotion (it mixes int32 and
+  float32 where strict promotion refuses)."""
+  return standard_promotion(optax.MultiSteps(inner, every_k_schedule, **kwargs)
+                            .gradient_transformation())
+
+
+def _micro(batch, i, n):
+  return jax.tree.map(lambda a: a[i::n], batch)
+
+
+def _full_batches():
+  return [mlp_batch(jax.random.key(100 + c), 16) for c in range(CYCLES)]
+
+
+def _zero(tree):
+  return all(not np.any(np.asarray(x)) for x in jax.tree.leaves(tree))
+
+
+def _reference_run(inner, params, batches):
+  """The inner optimizer fed one full-batch gradient per cycle."""
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(_loss)(params, batch)
+    updates, state = inner.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, grads
+
+  state = inner.init(params)
+  out = []
+  for batch in batches:
+    params, state, grads = step(params, state, batch)
+    out.append((params, grads))
+  return out
+
+
+def test_k_microsteps_equal_one_full_batch_step_of_the_inner_optimizer():
+  inner = _inner()
+  opt = jaxaccum.multi_steps(inner, K)
+  params = mlp_init(jax.random.key(0))
+  batches = _full_batches()
+  reference = _reference_run(inner, params, batches)
+  # The premise: clipping is active.
+  assert float(optax.tree.norm(reference[0][1])) > 1.0
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(_loss)(params, batch)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = opt.init(params)
+  for cycle, batch in enumerate(batches):
+    for j in range(K):
+      before = params
+      params, state, updates = step(params, state, _micro(batch, j, K))
+      if j < K - 1:
+        assert _zero(updates), (cycle, j)
+        assert_trees_equal(params, before)
+        assert not jaxaccum.has_updated(state)
+      else:
+        assert not _zero(updates)
+        assert jaxaccum.has_updated(state)
+    assert int(state.gradient_step) == cycle + 1
+    assert_rel_close(params, reference[cycle][0], 1e-5)
+
+
+def _counting(tx, calls):
+  """``tx`` whose update reports every time it runs (not when traced)."""
+  def update(updates, state, params=None, **extra):
+    jax.debug.callback(lambda: calls.append(1))
+    return tx.update(updates, state, params, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def test_inner_update_runs_once_per_cycle():
+  calls = []
+  opt = jaxaccum.multi_steps(_counting(_inner(), calls), K)
+  params = mlp_init(jax.random.key(0))
+  update = jax.jit(opt.update)
+  state = opt.init(params)
+  grads = jax.grad(_loss)(params, mlp_batch(jax.random.key(1), 8))
+  for call in range(CYCLES * K):
+    _, state = update(grads, state, params)
+    jax.effects_barrier()
+    assert len(calls) == (call + 1) // K, call
+  assert len(calls) == CYCLES
+
+
+def _random_grads(count, shape=(3,), seed=0):
+  keys = jax.random.split(jax.random.key(seed), count)
+  return [{"w": jax.random.normal(k, shape), "b": jax.random.normal(k, (2,))} for k in keys]
+
+
+def _params(shape=(3,)):
+  return {"w": jnp.ones(shape), "b": jnp.zeros(2)}
+
+
+@pytest.mark.parametrize("use_grad_mean", [True, False])
+def test_parity_with_optax_multisteps_sgd_momentum(use_grad_mean):
+  inner = optax.sgd(0.1, momentum=0.9)
+  ours = jaxaccum.multi_steps(inner, 3, use_grad_mean=use_grad_mean)
+  theirs = _optax_multisteps(inner, 3, use_grad_mean=use_grad_mean)
+  params = _params()
+  s1, s2 = ours.init(params), theirs.init(params)
+  up1, up2 = jax.jit(ours.update), jax.jit(theirs.update)
+  p1 = p2 = params
+  for g in _random_grads(10):
+    u1, s1 = up1(g, s1, p1)
+    u2, s2 = up2(g, s2, p2)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(u1["b"], u2["b"], rtol=1e-6, atol=1e-7)
+    assert bool(jaxaccum.has_updated(s1)) == bool(optax.MultiSteps.has_updated(None, s2))
+    assert int(s1.mini_step) == int(s2.mini_step)
+    assert int(s1.gradient_step) == int(s2.gradient_step)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  assert_rel_close(p1, p2, 1e-6)
+  assert int(s1.gradient_step) == 3
+
+
+def test_every_k_one_is_the_inner_optimizer():
+  inner = optax.sgd(0.1, momentum=0.9)
+  opt = jaxaccum.multi_steps(inner, 1)
+  s1, s2 = opt.init(_params()), inner.init(_params())
+  for g in _random_grads(3):
+    u1, s1 = opt.update(g, s1)
+    u2, s2 = inner.update(g, s2)
+    # Compiled inside lax.cond, the inner update may round differently.
+    assert_rel_close(u1, u2, 1e-6)
+    assert jaxaccum.has_updated(s1)
+  assert_rel_close(s1.inner_opt_state, s2, 1e-6)
+
+
+def test_use_grad_mean_false_sums():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 3, use_grad_mean=False)
+  grads = _random_grads(3)
+  state = opt.init(_params())
+  for g in grads:
+    updates, state = opt.update(g, state)
+  expected = jax.tree.map(lambda *g: -sum(g), *grads)
+  assert_rel_close(updates, expected, 1e-6)
+
+
+def test_weight_gives_the_weighted_mean():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 3)
+  grads = _random_grads(3)
+  weights = [1.0, 3.0, 0.5]
+  state = opt.init(_params())
+  update = jax.jit(opt.update)
+  for g, w in zip(grads, weights):
+    updates, state = update(g, state, weight=jnp.float32(w))
+  expected = jax.tree.map(
+      lambda *g: -sum(w * x for w, x in zip(weights, g)) / sum(weights), *grads)
+  assert_rel_close(updates, expected, 1e-6)
+  # ...which is not the plain mean.
+  assert rel_error(updates, jax.tree.map(lambda *g: -sum(g) / 3, *grads)) > 1e-2
+
+
+def test_weight_zero_call_with_nan_gradients_adds_nothing():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 3)
+  grads = _random_grads(3)
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), grads[0])
+  state = opt.init(_params())
+  for g, w in zip([grads[0], nan, grads[1]], [2.0, 0.0, 1.0]):
+    updates, state = opt.update(g, state, weight=w)
+  expected = jax.tree.map(lambda a, b: -(2 * a + b) / 3, grads[0], grads[1])
+  assert_rel_close(updates, expected, 1e-6)
+
+
+def test_callable_every_k_schedule():
+  # The first cycle has 2 calls, every later one 3.
+  def schedule(step):
+    return jnp.where(step < 1, 2, 3)
+
+  inner = optax.sgd(0.1, momentum=0.9)
+  ours = jaxaccum.multi_steps(inner, schedule)
+  theirs = _optax_multisteps(inner, schedule)
+  grads = _random_grads(8)
+  s1, s2 = ours.init(_params()), theirs.init(_params())
+  ref_state = inner.init(_params())
+  cycle = []
+  emitted = []
+  for call, g in enumerate(grads):
+    u1, s1 = jax.jit(ours.update)(g, s1)
+    u2, s2 = theirs.update(g, s2)
+    cycle.append(g)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6, atol=1e-7)
+    if jaxaccum.has_updated(s1):
+      emitted.append(call)
+      mean = jax.tree.map(lambda *g: sum(g) / len(g), *cycle)
+      ref_updates, ref_state = inner.update(mean, ref_state)
+      assert_rel_close(u1, ref_updates, 1e-6)
+      cycle = []
+    else:
+      assert _zero(u1)
+  assert emitted == [1, 4, 7]
+
+
+def test_skip_not_finite_call_is_as_if_it_never_happened():
+  opt = jaxaccum.multi_steps(_inner(), 3, should_skip_update_fn=optax.skip_not_finite)
+  params = mlp_init(jax.random.key(0))
+  grads = [jax.grad(_loss)(params, mlp_batch(jax.random.key(s), 8)) for s in range(6)]
+  nan = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[0])
+  update = jax.jit(opt.update)
+
+  def run(sequence):
+    state, p, outs = opt.init(params), params, []
+    for g in sequence:
+      updates, state = update(g, state, p)
+      p = optax.apply_updates(p, updates)
+      outs.append((updates, bool(jaxaccum.has_updated(state))))
+    return p, state, outs
+
+  p_ref, s_ref, out_ref = run(grads)
+  # NaN calls where the first cycle would end and where the second begins.
+  p, s, outs = run(grads[:2] + [nan] + grads[2:3] + [nan] + grads[3:])
+  assert _zero(outs[2][0]) and _zero(outs[4][0])
+  assert int(s.skip_state["num_not_finite"]) == 0  # the last call was finite
+  del outs[4], outs[2]
+  for (u, flag), (u_ref, flag_ref) in zip(outs, out_ref, strict=True):
+    assert_trees_equal(u, u_ref)
+    assert flag == flag_ref
+  assert_trees_equal(p, p_ref)
+  assert_trees_equal(s._replace(skip_state=()), s_ref._replace(skip_state=()))
+
+
+def test_has_updated():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 3)
+  state = opt.init(_params())
+  assert jaxaccum.has_updated(state).dtype == jnp.bool_
+  assert not jaxaccum.has_updated(state)
+  flags = []
+  for g in _random_grads(7):
+    _, state = jax.jit(opt.update)(g, state)
+    flags.append(bool(jax.jit(jaxaccum.has_updated)(state)))
+  assert flags == [False, False, True, False, False, True, False]
+
+
+def test_training_inside_jit_and_lax_scan_equals_full_batch_steps():
+  inner = _inner()
+  opt = jaxaccum.multi_steps(inner, K)
+  params = mlp_init(jax.random.key(0))
+  batches = _full_batches()
+  reference = _reference_run(inner, params, batches)
+  # Calls in order: cycle c's micro-batch j is call c * K + j.
+  micro = jax.tree.map(lambda *b: jnp.stack(b),
+                       *[_micro(b, j, K) for b in batches for j in range(K)])
+
+  @jax.jit
+  def train(params, micro):
+    def step(carry, batch):
+      params, state = carry
+      grads = jax.grad(_loss)(params, batch)
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, state), (params, jaxaccum.has_updated(state))
+
+    return lax.scan(step, (params, opt.init(params)), micro)
+
+  (params, state), (trajectory, flags) = train(params, micro)
+  assert np.asarray(flags).tolist() == ([False] * (K - 1) + [True]) * CYCLES
+  for c in range(CYCLES):
+    at = jax.tree.map(lambda p: p[c * K + K - 1], trajectory)
+    assert_rel_close(at, reference[c][0], 1e-5)
+  assert int(state.gradient_step) == CYCLES and int(state.mini_step) == 0
+
+
+def test_extra_args_reach_the_inner_optimizer():
+  def init(params):
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, scale):
+    return jax.tree.map(lambda u: u * scale, updates), state
+
+  opt = jaxaccum.multi_steps(optax.GradientTransformationExtraArgs(init, update), 2)
+  state = opt.init(_params())
+  grads = _random_grads(2)
+  for g in grads:
+    updates, state = opt.update(g, state, scale=jnp.float32(10.0))
+  assert_rel_close(updates, jax.tree.map(lambda a, b: 5 * (a + b), *grads), 1e-6)
+
+
+def test_bf16_gradients_float32_accumulator():
+  # 64 calls of gradients near 1.5: a bf16 running sum loses most of them.
+  values = jax.random.uniform(jax.random.key(0), (64, 8), minval=1.0, maxval=2.0)
+  values = values.astype(jnp.bfloat16)
+  ref = np.mean(np.asarray(values, np.float64), axis=0)
+  errs = {}
+  for acc in (jnp.float32, jnp.bfloat16):
+    opt = jaxaccum.multi_steps(optax.sgd(-1.0), 64, accumulator_dtype=acc)
+    state = opt.init(jnp.zeros(8, jnp.bfloat16))
+    assert state.acc_grads.dtype == acc
+    update = jax.jit(opt.update)
+    for g in values:
+      updates, state = update(g, state)
+    assert updates.dtype == jnp.bfloat16
+    errs[acc] = rel_error(updates, ref)
+  assert errs[jnp.float32] <= 2.0**-8
+  assert errs[jnp.bfloat16] > 4 * errs[jnp.float32], errs
+
+
+@pytest.mark.parametrize("k", [0, -1, True])
+def test_invalid_every_k(k):
+  with pytest.raises(ValueError, match=f"every_k_schedule={k}"):
+    jaxaccum.multi_steps(optax.sgd(1.0), k)
