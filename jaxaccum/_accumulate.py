@@ -216,10 +216,15 @@ def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     >>> float(g)  # d/dw mean(x^2 w^2) = 2 w mean(x^2) = 6 * 3.5
     21.0
   """
-  vg = value_and_grad(fun, **options)
   has_aux = options.get("has_aux", False) or bool(
       _split.normalize_argnums("state_argnums", options.get("state_argnums", ())))
-  with_stats = options.get("with_stats", False)
+  return drop_value(value_and_grad(fun, **options), fun, has_aux=has_aux,
+                    with_stats=options.get("with_stats", False))
+
+
+def drop_value(vg: Callable[..., Any], fun: Callable[..., Any], *, has_aux: bool,
+               with_stats: bool) -> Callable[..., Any]:
+  """Turns a ``value_and_grad``-style function into a ``grad``-style one."""
 
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):

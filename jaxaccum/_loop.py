@@ -57,7 +57,10 @@ class _Sums(NamedTuple):
     weight: weights.
     aux: auxiliary outputs reduced by ``"mean"`` or ``"sum"``.
     kept: micro-batches kept (all but those ``skip_nonfinite`` left out).
-    sq_norm: squared norms of the kept micro-batch gradients.
+    sampled: kept micro-batches of positive weight: the gradient samples of
+      the statistics.
+    skipped: micro-batches of positive weight that ``skip_nonfinite`` left out.
+    sq_norm: squared norms of the sampled micro-batch gradients.
     state: new states of the ``"mean"`` state policy, of kept micro-batches.
   """
 
@@ -66,6 +69,8 @@ class _Sums(NamedTuple):
   weight: Any
   aux: PyTree
   kept: Any
+  sampled: Any
+  skipped: Any
   sq_norm: Any
   state: PyTree
 
@@ -145,9 +150,14 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
       if w.shape != ():
         raise ValueError(f"weight_fn must return a scalar per micro-batch, got shape {w.shape}")
       w = w.astype(_wide(w.dtype))
+    # A micro-batch of weight zero (all padding) is no gradient sample: it is
+    # left out of the statistics and, even with a 0 / 0 loss, not counted as
+    # skipped.
+    weighed = jnp.ones([], jnp.float32) if w is None else (w > 0).astype(jnp.float32)
     if keep is not None:
       w = jnp.where(keep, jnp.ones([], jnp.float32) if w is None else w, 0)
     kept = (jnp.ones([], jnp.float32) if keep is None else keep.astype(jnp.float32))
+    sampled = kept * weighed
     if keep is not None:
       # A skipped micro-batch leaves the sequential state as it found it.
       new_seq = tuple(jax.tree.map(lambda new, old: jnp.where(keep, new, old),
@@ -163,7 +173,9 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
         weight=() if w is None else w,
         aux=_aux_contribution(config.aux_reduction, aux, w),
         kept=kept if config.counts_kept else (),
-        sq_norm=(jnp.where(kept > 0, _stats.sq_norm(grads), 0)
+        sampled=sampled if config.with_stats else (),
+        skipped=weighed - sampled if config.with_stats else (),
+        sq_norm=(jnp.where(sampled > 0, _stats.sq_norm(grads), 0)
                  if config.with_stats else ()),
         state=tuple(jax.tree.map(
             lambda s: jnp.where(kept > 0, s.astype(_wide(s.dtype)) if _is_float(s) else s,
@@ -283,18 +295,18 @@ def _finalize(config: Config, sums: _Sums, seq_states: tuple, stacked: PyTree,
 def _make_stats(config: Config, sums: _Sums, acc_grads: PyTree, n: int, size: int,
                 devices: int) -> _stats.AccumulationStats:
   """The noise-scale statistics from the reduced sums."""
-  kept = sums.kept
+  sampled = sums.sampled
   if config.reduction == "sum":
     acc_grads = jax.tree.map(lambda g: _ratio(g, sums.weight) if config.weighted
                              else g / jnp.asarray(n * devices, g.dtype), acc_grads)
-  small_sq = _ratio(sums.sq_norm, kept)
+  small_sq = _ratio(sums.sq_norm, sampled)
   big_sq = _stats.sq_norm(acc_grads)
   b_small = jnp.asarray(size // n, jnp.int32)
-  b_big = b_small.astype(jnp.float32) * kept
+  b_big = b_small.astype(jnp.float32) * sampled
   g2, trace, scale = _stats.noise_estimates(small_sq, big_sq, b_small, b_big)
   return _stats.AccumulationStats(
       microbatch_sq_norm=small_sq, grad_sq_norm=big_sq, sq_norm_estimate=g2,
       trace_estimate=trace, noise_scale=scale, microbatch_size=b_small,
       num_microbatches=jnp.asarray(n, jnp.int32),
       effective_batch_size=jnp.asarray(size * devices, jnp.int32),
-      num_skipped=(jnp.asarray(n * devices, jnp.float32) - kept).astype(jnp.int32))
+      num_skipped=sums.skipped.astype(jnp.int32))
