@@ -81,8 +81,10 @@ def value_and_grad(
     aux_reduction: ``"mean"`` (weighted by ``weight_fn`` when given; integer
       leaves come back as float32), ``"sum"`` (unweighted), or ``"stack"`` (a
       new leading axis of size ``N``).
-    accumulator_dtype: dtype the gradients are summed in; ``None`` sums each
-      in its own dtype. Gradients come back in each parameter's dtype.
+    accumulator_dtype: the least precise dtype gradients are summed in
+      (float32: bf16 gradients are summed in float32, float64 and complex
+      ones in their own dtype); ``None`` sums each in its own dtype.
+      Gradients come back in each parameter's dtype.
     rng_argnums: positional argument(s) that are PRNG keys; micro-batch ``i``
       receives ``jax.random.fold_in(key, i)``. With ``data_axis``, the key is
       first folded with the device's index along ``data_axis``, so rows on
@@ -178,7 +180,7 @@ def value_and_grad(
       num_microbatches=num_microbatches, microbatch_size=microbatch_size,
       argnums=argnums_t, batch_argnums=batch_t, rng_argnums=rng_t,
       state_argnums=state_t, state_policies=policies,
-      state_is_tuple=not isinstance(state_argnums, int), has_aux=has_aux,
+      state_is_tuple=not isinstance(state_argnums, (int, np.integer)), has_aux=has_aux,
       weight_fn=weight_fn, reduction=reduction, aux_reduction=aux_reduction,
       accumulator_dtype=accumulator_dtype, with_stats=with_stats,
       skip_nonfinite=skip_nonfinite,

@@ -83,6 +83,21 @@ def _wide(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
+def accumulator_for(accumulator_dtype, dtype) -> jnp.dtype:
+  """The dtype to sum gradients of ``dtype`` in: at least ``accumulator_dtype``.
+
+  Wider floats and complex gradients keep their own precision (and their
+  imaginary part); ``None`` keeps ``dtype``.
+  """
+  dtype = jnp.dtype(dtype)
+  if accumulator_dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    return dtype
+  acc = jnp.dtype(accumulator_dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return dtype if dtype.itemsize >= 2 * acc.itemsize else jnp.dtype(jnp.complex128)
+  return dtype if dtype.itemsize >= acc.itemsize else acc
+
+
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
 
@@ -97,9 +112,9 @@ def _weighted(x: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
 
 def _ratio(total: jax.Array, weight: jax.Array) -> jax.Array:
   """``total / weight`` where weight is positive, zero where it is not."""
-  weight = weight.astype(total.dtype)
-  safe = jnp.where(weight > 0, weight, jnp.ones_like(weight))
-  return jnp.where(weight > 0, total / safe, jnp.zeros_like(total))
+  positive = weight > 0
+  safe = jnp.where(positive, weight, jnp.ones_like(weight)).astype(total.dtype)
+  return jnp.where(positive, total / safe, jnp.zeros_like(total))
 
 
 def _state_mean(total: jax.Array, count: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -168,7 +183,7 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
     acc = config.accumulator_dtype
     sums = _Sums(
         grads=jax.tree.map(
-            lambda g: _weighted(g, w, g.dtype if acc is None else acc), grads),
+            lambda g: _weighted(g, w, accumulator_for(acc, g.dtype)), grads),
         value=_weighted(value, w, _wide(value.dtype)),
         weight=() if w is None else w,
         aux=_aux_contribution(config.aux_reduction, aux, w),
@@ -228,7 +243,11 @@ def _aux_contribution(aux_reduction: str, aux: PyTree, w: jax.Array | None) -> P
   if aux_reduction == "mean":
     return jax.tree.map(lambda a: _weighted(a, w, _wide(a.dtype)), aux)
   if aux_reduction == "sum":
-    return jax.tree.map(lambda a: a.astype(jnp.int32) if a.dtype == jnp.bool_ else a, aux)
+    def add(a):
+      a = a.astype(jnp.int32) if a.dtype == jnp.bool_ else a
+      # A micro-batch of weight zero (or skipped) adds nothing, not its NaN.
+      return a if w is None else jnp.where(w > 0, a, jnp.zeros_like(a))
+    return jax.tree.map(add, aux)
   return ()
 
 

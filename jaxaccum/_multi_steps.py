@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxaccum import _collectives
+from jaxaccum import _collectives, _loop
 
 Params = Any
 Updates = Any
@@ -57,7 +57,7 @@ def multi_steps(
     inner: optax.GradientTransformation,
     every_k_schedule: int | Callable[[jax.Array], jax.typing.ArrayLike],
     *,
-    accumulator_dtype: jax.typing.DTypeLike = jnp.float32,
+    accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     use_grad_mean: bool = True,
     should_skip_update_fn: ShouldSkipUpdateFn | None = None,
     axis_name: Hashable | Sequence[Hashable] | None = None,
@@ -83,7 +83,9 @@ def multi_steps(
     inner: the optimizer to run once per cycle.
     every_k_schedule: the number of calls ``k`` per cycle, or a function of the
       ``gradient_step`` count returning it.
-    accumulator_dtype: dtype of the accumulated gradients.
+    accumulator_dtype: the least precise dtype of the accumulated gradients
+      (each is kept in this dtype promoted with its parameter's dtype);
+      ``None``: the parameter's dtype.
     use_grad_mean: ``True``: the cycle's (weighted) mean gradient; ``False``:
       the (weighted) sum.
     should_skip_update_fn: as in ``optax.MultiSteps``: called as
@@ -135,7 +137,9 @@ def multi_steps(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=gradient_step,
         inner_opt_state=inner.init(params),
-        acc_grads=optax.tree.zeros_like(params, dtype=accumulator_dtype),
+        acc_grads=jax.tree.map(
+            lambda p: jnp.zeros_like(p, _loop.accumulator_for(accumulator_dtype, p.dtype)),
+            params),
         acc_weight=jnp.zeros([], jnp.float32),
         skip_state=skip_state,
     )

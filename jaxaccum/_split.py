@@ -22,7 +22,7 @@ PyTree = Any
 
 def normalize_argnums(name: str, argnums: int | Sequence[int]) -> tuple[int, ...]:
   """Returns ``argnums`` as a tuple of non-negative ints, or raises ValueError."""
-  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  nums = (argnums,) if isinstance(argnums, (int, np.integer)) else tuple(argnums)
   for n in nums:
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
       raise ValueError(f"{name} must be non-negative ints, got {name}={argnums!r}")

@@ -496,3 +496,54 @@ def test_no_retrace_across_calls():
     step(params, mlp_batch(jax.random.key(seed), 16))
   assert len(traces) == first
   assert step._cache_size() == 1
+
+
+# --- Dtypes wider than the accumulator, aux sums, numpy argnums. ---
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_complex_gradients_keep_their_imaginary_part(n):
+  def loss(w, x):
+    return jnp.mean(jnp.abs(x * w) ** 2)
+
+  w = jnp.complex64(1 + 2j)
+  x = jnp.linspace(0.0, 3.0, 8, dtype=jnp.float32).astype(jnp.complex64)
+  got = jaxaccum.value_and_grad(loss, num_microbatches=n)(w, x)
+  assert got[1].dtype == jnp.complex64
+  np.testing.assert_allclose(got[1], jax.grad(loss)(w, x), rtol=1e-6)
+
+
+def test_float64_gradients_are_summed_in_float64():
+  def loss(w, x):
+    return jnp.mean(jnp.sin(x * w) ** 2)
+
+  with jax.enable_x64(True):
+    w = jnp.float64(1.2345678901234567)
+    x = jnp.linspace(0.0, 3.0, 8, dtype=jnp.float64)
+    assert_trees_equal(jaxaccum.value_and_grad(loss, num_microbatches=1)(w, x),
+                       jax.value_and_grad(loss)(w, x))
+    _, g = jaxaccum.value_and_grad(loss, num_microbatches=4)(w, x)
+    np.testing.assert_allclose(g, jax.grad(loss)(w, x), rtol=1e-13)
+
+
+def test_aux_sum_leaves_out_zero_weight_microbatches():
+  def loss(w, batch):
+    x, mask = batch
+    value = jnp.sum(mask * x * w) / jnp.sum(mask)  # 0 / 0 for all padding
+    return value, {"value": value, "tokens": jnp.sum(mask)}
+
+  x = jnp.arange(8.0)
+  mask = jnp.array([1, 0, 1, 0, 1, 0, 1, 1], jnp.float32)
+  f = jaxaccum.value_and_grad(loss, num_microbatches=4, has_aux=True,
+                              weight_fn=lambda b: jnp.sum(b[1]), aux_reduction="sum")
+  (_, aux), _ = f(jnp.float32(1.0), (x, mask))
+  # Micro-batch 1 holds rows 1 and 5: both padding.
+  assert float(aux["tokens"]) == 5.0
+  assert np.isfinite(float(aux["value"]))
+  np.testing.assert_allclose(aux["value"], (0 + 4) / 2 + (2 + 6) / 2 + 7 / 1, rtol=1e-6)
+
+
+def test_numpy_integer_argnums():
+  loss, params, batch = _setup("mlp")
+  got = jaxaccum.grad(loss, num_microbatches=2, argnums=np.int64(0))(params, batch)
+  assert_rel_close(got, jax.grad(loss)(params, batch), 1e-5)

@@ -335,3 +335,14 @@ def test_bf16_gradients_float32_accumulator():
 def test_invalid_every_k(k):
   with pytest.raises(ValueError, match=f"every_k_schedule={k}"):
     jaxaccum.multi_steps(optax.sgd(1.0), k)
+
+
+def test_float64_gradients_keep_their_precision():
+  with jax.enable_x64(True):
+    opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+    params = jnp.zeros([], jnp.float64)
+    state = opt.init(params)
+    for _ in range(2):
+      updates, state = opt.update(jnp.float64(1 + 1e-12), state, params)
+    assert updates.dtype == jnp.float64
+    assert float(updates) == -(1 + 1e-12)
