@@ -187,6 +187,16 @@ def value_and_grad(
   )
   positions = argnums_t + batch_t + rng_t + state_t
 
+  def accumulate(*args, **kwargs):
+    if data_axis is not None:
+      return _data_parallel(config, args, kwargs, data_axis, mesh)
+    return _loop.run(config, args, kwargs, _collectives.axes_of(axis_name))
+
+  # Called outside jit, the scan would be traced and compiled on every call;
+  # one jit of our own, made once, is compiled once per shape. (A single
+  # micro-batch calls ``fun`` as it is: bit-identical to jax.value_and_grad.)
+  compiled = jax.jit(accumulate)
+
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
     if positions and max(positions) >= len(args):
@@ -195,11 +205,18 @@ def value_and_grad(
           f"rng_argnums={rng_argnums!r} and state_argnums={state_argnums!r} must "
           f"name positional arguments, but the function was called with {len(args)}"
       )
-    if data_axis is not None:
-      return _data_parallel(config, args, kwargs, data_axis, mesh)
-    return _loop.run(config, args, kwargs, _collectives.axes_of(axis_name))
+    if axis_name is None and _all_concrete_arrays((args, kwargs)) and (
+        data_axis is not None or _loop.num_microbatches_of(config, args) > 1):
+      return compiled(*args, **kwargs)
+    return accumulate(*args, **kwargs)
 
   return wrapped
+
+
+def _all_concrete_arrays(tree: PyTree) -> bool:
+  """Whether every leaf is an array with a value (no tracer, no Python object)."""
+  return all(isinstance(x, (jax.Array, np.ndarray, np.generic))
+             and not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:

@@ -124,13 +124,19 @@ def _state_mean(total: jax.Array, count: jax.Array, fallback: jax.Array) -> jax.
   return jnp.where(count > 0, mean.astype(fallback.dtype), fallback)
 
 
+def num_microbatches_of(config: Config, args: tuple) -> int:
+  """The number of micro-batches for these arguments (validated)."""
+  batch = tuple(args[i] for i in config.batch_argnums)
+  return _split.resolve_num_microbatches(
+      _split.batch_size(batch), config.num_microbatches, config.microbatch_size)
+
+
 def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
         rng_salt: jax.Array | None = None, num_microbatches: int | None = None):
   """Runs the loop on one device (or on each device of ``axes``)."""
   batch = tuple(args[i] for i in config.batch_argnums)
   size = _split.batch_size(batch)
-  n = num_microbatches or _split.resolve_num_microbatches(
-      size, config.num_microbatches, config.microbatch_size)
+  n = num_microbatches or num_microbatches_of(config, args)
   args = list(args)
   # Device-varying parameters keep every micro-step's gradient device-local.
   for i in config.argnums:

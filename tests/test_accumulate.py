@@ -498,6 +498,24 @@ def test_no_retrace_across_calls():
   assert step._cache_size() == 1
 
 
+def test_no_retrace_across_calls_outside_jit():
+  traces = []
+
+  def loss(params, batch):
+    traces.append(1)
+    return mlp_loss(params, batch)
+
+  grad_fn = jaxaccum.value_and_grad(loss, num_microbatches=4)
+  params = mlp_init(jax.random.key(0))
+  grad_fn(params, mlp_batch(jax.random.key(1), 16))
+  first = len(traces)
+  for seed in range(2, 5):
+    got = grad_fn(params, mlp_batch(jax.random.key(seed), 16))
+  assert len(traces) == first
+  assert_rel_close(got, jax.value_and_grad(mlp_loss)(params, mlp_batch(jax.random.key(4), 16)),
+                   1e-5)
+
+
 # --- Dtypes wider than the accumulator, aux sums, numpy argnums. ---
 
 
