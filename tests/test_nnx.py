@@ -1,0 +1,326 @@
+"""``jaxaccum.nnx``: accumulation for Flax NNX modules.
+
+Every result is compared with :func:`flax.nnx.value_and_grad`: on the full
+batch where accumulation is exact (no dropout, no BatchNorm), and otherwise on
+the ``N`` strided micro-batches ``x[i::N]`` one after the other (or each from
+the initial state, for the ``"mean"`` BatchNorm policy), which is what the
+accumulated step is documented to equal.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+import jaxaccum
+import jaxaccum.nnx
+from _models import assert_rel_close, assert_trees_equal, standard_promotion
+
+N = 4
+B = 16
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, rngs, din=4, hidden=16, dout=2):
+    self.layer1 = nnx.Linear(din, hidden, rngs=rngs)
+    self.layer2 = nnx.Linear(hidden, dout, rngs=rngs)
+
+  def __call__(self, x):
+    return self.layer2(jnp.tanh(self.layer1(x)))
+
+
+class DropNet(nnx.Module):
+  """A linear layer after dropout; also returns the dropout mask it drew."""
+
+  def __init__(self, rngs, din=4, dout=2):
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.layer = nnx.Linear(din, dout, rngs=rngs)
+
+  def __call__(self, x):
+    mask = self.drop(jnp.ones_like(x))
+    return self.layer(x * mask), mask
+
+
+class BNNet(nnx.Module):
+
+  def __init__(self, rngs, din=4, hidden=8, dout=2):
+    self.layer1 = nnx.Linear(din, hidden, rngs=rngs)
+    self.bn = nnx.BatchNorm(hidden, momentum=0.5, rngs=rngs)
+    self.layer2 = nnx.Linear(hidden, dout, rngs=rngs)
+
+  def __call__(self, x):
+    return self.layer2(jnp.tanh(self.bn(self.layer1(x))))
+
+
+def mse(model, x, y):
+  return jnp.mean(jnp.square(model(x) - y))
+
+
+def drop_loss(model, x, y):
+  out, mask = model(x)
+  return jnp.mean(jnp.square(out - y)), mask
+
+
+def data(key=0, rows=B, din=4, dout=2):
+  kx, ky = jax.random.split(jax.random.key(key))
+  x = jax.random.normal(kx, (rows, din))
+  return x, jnp.sin(x[:, :dout]) + 0.1 * jax.random.normal(ky, (rows, dout))
+
+
+def micro(tree, i, n=N):
+  return jax.tree.map(lambda a: a[i::n], tree)
+
+
+def leaves(state):
+  return jax.tree.leaves(nnx.to_pure_dict(state))
+
+
+def pure(tree):
+  """``tree`` with every ``nnx.State`` in it as a plain nested dict of arrays."""
+  return jax.tree.map(lambda s: nnx.to_pure_dict(s) if isinstance(s, nnx.State) else s,
+                      tree, is_leaf=lambda s: isinstance(s, nnx.State))
+
+
+def test_equals_full_batch_nnx_value_and_grad():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  ref_loss, ref_grads = nnx.value_and_grad(mse)(model, x, y)
+  loss, grads = nnx.jit(jaxaccum.nnx.value_and_grad(
+      mse, num_microbatches=N, batch_argnums=(1, 2)))(model, x, y)
+  assert isinstance(grads, nnx.State)
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close(loss, ref_loss)
+
+
+def test_microbatch_size_has_aux_and_lazy_attribute():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+
+  def loss_aux(model, x, y):
+    out = model(x)
+    return jnp.mean(jnp.square(out - y)), jnp.mean(jnp.abs(out - y))
+
+  (ref_loss, ref_aux), ref_grads = nnx.value_and_grad(loss_aux, has_aux=True)(model, x, y)
+  # ``jaxaccum.nnx`` is reachable as an attribute of the package.
+  (loss, aux), grads = jaxaccum.nnx.value_and_grad(
+      loss_aux, microbatch_size=B // N, batch_argnums=(1, 2), has_aux=True)(model, x, y)
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close((loss, aux), (ref_loss, ref_aux))
+  grads_aux = jaxaccum.nnx.grad(loss_aux, num_microbatches=N, batch_argnums=(1, 2),
+                                has_aux=True)(model, x, y)
+  assert_rel_close(pure(grads_aux), pure((ref_grads, ref_aux)))
+
+
+def test_one_microbatch_is_bit_identical():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  ref = nnx.value_and_grad(mse)(model, x, y)
+  out = jaxaccum.nnx.value_and_grad(mse, num_microbatches=1, batch_argnums=(1, 2))(model, x, y)
+  assert_trees_equal(pure(out), pure(ref))
+
+
+def test_reduction_sum():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  ref_loss, ref_grads = nnx.value_and_grad(mse)(model, x, y)
+  loss, grads = jaxaccum.nnx.value_and_grad(
+      mse, num_microbatches=N, batch_argnums=(1, 2), reduction="sum")(model, x, y)
+  assert_rel_close(nnx.to_pure_dict(grads),
+                   jax.tree.map(lambda g: N * g, nnx.to_pure_dict(ref_grads)))
+  assert_rel_close(loss, N * ref_loss)
+
+
+def test_wrt_filter_matches_nnx_diff_state():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  wrt = nnx.All(nnx.Param, nnx.PathContains("layer2"))
+  ref_loss, ref_grads = nnx.value_and_grad(mse, argnums=nnx.DiffState(0, wrt))(model, x, y)
+  loss, grads = jaxaccum.nnx.value_and_grad(
+      mse, wrt=wrt, num_microbatches=N, batch_argnums=(1, 2))(model, x, y)
+  assert set(nnx.to_pure_dict(grads)) == {"layer2"}
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close(loss, ref_loss)
+
+
+def test_optimizer_step_equals_full_batch_step():
+  tx = standard_promotion(optax.adamw(1e-2, weight_decay=1e-3))
+  x, y = data()
+  models = {}
+  for name, vg in (("full", nnx.value_and_grad(mse)),
+                   ("accum", jaxaccum.nnx.value_and_grad(
+                       mse, num_microbatches=N, batch_argnums=(1, 2)))):
+    model = MLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y, vg=vg):
+      loss, grads = vg(model, x, y)
+      optimizer.update(model, grads)
+      return loss
+
+    for _ in range(2):
+      step(model, optimizer, x, y)
+    models[name] = model
+  before = nnx.to_pure_dict(nnx.state(MLP(nnx.Rngs(0)), nnx.Param))
+  after = nnx.to_pure_dict(nnx.state(models["full"], nnx.Param))
+  assert jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after))[0]
+  assert_rel_close(nnx.to_pure_dict(nnx.state(models["accum"], nnx.Param)), after)
+
+
+def test_dropout_masks_are_those_of_n_sequential_calls():
+  x, y = data(rows=B, din=16)
+  model = DropNet(nnx.Rngs(0, dropout=1), din=16)
+  ref_model = nnx.clone(model)
+  count0 = int(model.drop.rngs.count[...])
+  (loss, masks), grads = nnx.jit(jaxaccum.nnx.value_and_grad(
+      drop_loss, num_microbatches=N, batch_argnums=(1, 2), has_aux=True,
+      aux_reduction="stack"))(model, x, y)
+  assert masks.shape == (N, B // N, 16)
+  flat = np.asarray(masks).reshape(N, -1)
+  for i in range(N):
+    for j in range(i):
+      assert not np.array_equal(flat[i], flat[j]), f"micro-batches {i} and {j} share a mask"
+  # The same keys as N forward passes of the module, one per micro-batch.
+  ref_masks, ref_grads, ref_losses = [], [], []
+  for i in range(N):
+    (l, m), g = nnx.value_and_grad(drop_loss, has_aux=True)(ref_model, *micro((x, y), i))
+    ref_losses.append(l)
+    ref_masks.append(m)
+    ref_grads.append(nnx.to_pure_dict(g))
+  np.testing.assert_array_equal(np.asarray(masks), np.stack(ref_masks))
+  assert_rel_close(nnx.to_pure_dict(grads),
+                   jax.tree.map(lambda *g: sum(g) / N, *ref_grads))
+  assert_rel_close(loss, sum(ref_losses) / N)
+  # The module's RNG stream advanced in place, as after N calls.
+  assert int(model.drop.rngs.count[...]) == count0 + N
+  assert int(ref_model.drop.rngs.count[...]) == count0 + N
+
+
+@pytest.mark.parametrize("policy", ["sequential", "mean"])
+def test_batch_norm_policies(policy):
+  x, y = data()
+  model = BNNet(nnx.Rngs(0))
+  initial = nnx.clone(model)
+  loss, grads = nnx.jit(jaxaccum.nnx.value_and_grad(
+      mse, num_microbatches=N, batch_argnums=(1, 2), state_policy=policy))(model, x, y)
+  ref_grads, ref_losses, ref_stats = [], [], []
+  ref_model = nnx.clone(initial)
+  for i in range(N):
+    if policy == "mean":
+      ref_model = nnx.clone(initial)
+    l, g = nnx.value_and_grad(mse)(ref_model, *micro((x, y), i))
+    ref_losses.append(l)
+    ref_grads.append(nnx.to_pure_dict(g))
+    ref_stats.append(nnx.to_pure_dict(nnx.state(ref_model, nnx.BatchStat)))
+  expected_stats = (ref_stats[-1] if policy == "sequential"
+                    else jax.tree.map(lambda *s: sum(s) / N, *ref_stats))
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  assert_rel_close(stats, expected_stats)
+  # BatchNorm over 4 rows amplifies float32 rounding (jit vs eager): 1e-4.
+  assert_rel_close(nnx.to_pure_dict(grads), jax.tree.map(lambda *g: sum(g) / N, *ref_grads),
+                   tol=1e-4)
+  assert_rel_close(loss, sum(ref_losses) / N)
+  # The two policies really differ on this model (the test can tell them apart).
+  other = (jax.tree.map(lambda *s: sum(s) / N, *ref_stats) if policy == "sequential"
+           else ref_stats[-1])
+  assert max(float(np.max(np.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(other))) > 1e-3
+
+
+def test_weight_fn_token_mean_equals_full_batch():
+  vocab, seq = 11, 6
+
+  class TokenModel(nnx.Module):
+
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(vocab, 8, rngs=rngs)
+      self.out = nnx.Linear(8, vocab, rngs=rngs)
+
+    def __call__(self, tokens):
+      return self.out(jnp.tanh(self.embed(tokens)))
+
+  def token_loss(model, batch):
+    logp = jax.nn.log_softmax(model(batch["tokens"]))
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
+
+  kt, kg = jax.random.split(jax.random.key(3))
+  lengths = jnp.asarray([6, 1, 2, 5, 3, 6, 1, 4], jnp.int32)
+  batch = {"tokens": jax.random.randint(kt, (8, seq), 0, vocab),
+           "targets": jax.random.randint(kg, (8, seq), 0, vocab),
+           "mask": (jnp.arange(seq)[None] < lengths[:, None]).astype(jnp.float32)}
+  model = TokenModel(nnx.Rngs(0))
+  ref_loss, ref_grads = nnx.value_and_grad(token_loss)(model, batch)
+  loss, grads = jaxaccum.nnx.value_and_grad(
+      token_loss, num_microbatches=N,
+      weight_fn=lambda b: jnp.sum(b["mask"]))(model, batch)
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close(loss, ref_loss)
+  # Without the weights, the mean of micro-batch means is not the token mean.
+  unweighted, _ = jaxaccum.nnx.value_and_grad(token_loss, num_microbatches=N)(model, batch)
+  assert abs(float(unweighted) - float(ref_loss)) > 1e-3
+
+
+def test_with_stats_and_skip_nonfinite():
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  x = x.at[1::N].set(jnp.nan)  # all of micro-batch 1
+  keep = np.arange(B) % N != 1
+  ref_loss, ref_grads = nnx.value_and_grad(mse)(model, x[keep], y[keep])
+  (loss, grads), stats = jaxaccum.nnx.value_and_grad(
+      mse, num_microbatches=N, batch_argnums=(1, 2), with_stats=True,
+      skip_nonfinite=True)(model, x, y)
+  assert isinstance(stats, jaxaccum.AccumulationStats)
+  assert int(stats.num_skipped) == 1 and int(stats.num_microbatches) == N
+  assert np.isfinite(float(stats.noise_scale))
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close(loss, ref_loss)
+
+
+def test_accumulator_dtype_keeps_param_dtype():
+  model = nnx.Linear(4, 2, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x, y = data()
+
+  def loss(model, x, y):
+    return jnp.mean(jnp.square(model(x.astype(jnp.bfloat16)).astype(jnp.float32) - y))
+
+  grads = jaxaccum.nnx.grad(loss, num_microbatches=N, batch_argnums=(1, 2),
+                            accumulator_dtype=jnp.float32)(model, x, y)
+  assert all(g.dtype == jnp.bfloat16 for g in leaves(grads))
+
+
+def test_data_axis_matches_full_batch_and_devices_draw_different_masks():
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  ref_loss, ref_grads = nnx.value_and_grad(mse)(model, x, y)
+  loss, grads = nnx.jit(jaxaccum.nnx.value_and_grad(
+      mse, num_microbatches=2, batch_argnums=(1, 2), data_axis="data", mesh=mesh))(model, x, y)
+  assert_rel_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads))
+  assert_rel_close(loss, ref_loss)
+
+  # All rows identical: a stacked mask is the mean over the two devices of
+  # masks in {0, 2}, so a 1 appears only if the devices drew different masks.
+  drop = DropNet(nnx.Rngs(0, dropout=1), din=16)
+  x1 = jnp.ones((8, 16))
+  (_, masks), _ = nnx.jit(jaxaccum.nnx.value_and_grad(
+      drop_loss, num_microbatches=2, batch_argnums=(1, 2), has_aux=True,
+      aux_reduction="stack", data_axis="data", mesh=mesh))(drop, x1, jnp.zeros((8, 2)))
+  assert np.any(np.asarray(masks) == 1.0)
+  assert int(drop.drop.rngs.count[...]) == 2
+
+
+def test_invalid_options():
+  with pytest.raises(ValueError, match="batch_argnums"):
+    jaxaccum.nnx.value_and_grad(mse, num_microbatches=2, batch_argnums=0)
+  with pytest.raises(ValueError, match="state_policy"):
+    jaxaccum.nnx.value_and_grad(mse, num_microbatches=2, state_policy="last")
+  model = MLP(nnx.Rngs(0))
+  x, y = data()
+  with pytest.raises(ValueError, match="15"):
+    jaxaccum.nnx.value_and_grad(mse, num_microbatches=2, batch_argnums=(1, 2))(
+        model, x[:15], y[:15])
