@@ -102,7 +102,7 @@ def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
 
 
-def _weighted(x: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
+def scale_by_weight(x: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
   """``w * x`` in ``dtype``, exactly zero where ``w == 0`` (even if x is NaN)."""
   x = x.astype(dtype)
   if w is None:
@@ -189,8 +189,8 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
     acc = config.accumulator_dtype
     sums = _Sums(
         grads=jax.tree.map(
-            lambda g: _weighted(g, w, accumulator_for(acc, g.dtype)), grads),
-        value=_weighted(value, w, _wide(value.dtype)),
+            lambda g: scale_by_weight(g, w, accumulator_for(acc, g.dtype)), grads),
+        value=scale_by_weight(value, w, _wide(value.dtype)),
         weight=() if w is None else w,
         aux=_aux_contribution(config.aux_reduction, aux, w),
         kept=kept if config.counts_kept else (),
@@ -247,7 +247,7 @@ def _aux_contribution(aux_reduction: str, aux: PyTree, w: jax.Array | None) -> P
   """What one micro-batch adds to the aux sums (``()`` for ``"stack"``)."""
   aux = jax.tree.map(jnp.asarray, aux)
   if aux_reduction == "mean":
-    return jax.tree.map(lambda a: _weighted(a, w, _wide(a.dtype)), aux)
+    return jax.tree.map(lambda a: scale_by_weight(a, w, _wide(a.dtype)), aux)
   if aux_reduction == "sum":
     def add(a):
       a = a.astype(jnp.int32) if a.dtype == jnp.bool_ else a

@@ -160,10 +160,8 @@ def multi_steps(
     w = jnp.ones([], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
     # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
     w = jnp.where(skip, jnp.zeros_like(w), w)
-    acc_grads = jax.tree.map(
-        lambda acc, g: acc + jnp.where(w > 0, w.astype(acc.dtype) * g.astype(acc.dtype),
-                                       jnp.zeros_like(acc)),
-        state.acc_grads, updates)
+    acc_grads = jax.tree.map(lambda acc, g: acc + _loop.scale_by_weight(g, w, acc.dtype),
+                             state.acc_grads, updates)
     acc_weight = state.acc_weight + w
     mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
     emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)

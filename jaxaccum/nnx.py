@@ -207,9 +207,7 @@ def grad(f: Callable[..., Any], **options: Any) -> Callable[..., Any]:
 
 def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
   """``jax.random.fold_in`` for an array of keys of any shape."""
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    # A raw uint32 key of shape (..., 2).
-    flat = key.reshape(-1, key.shape[-1])
-    return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
-  flat = key.reshape(-1)
+  # A raw uint32 key is an array of shape (..., 2), a typed key a scalar.
+  raw = not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  flat = key.reshape((-1, key.shape[-1]) if raw else (-1,))
   return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
