@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxaccum import _collectives, _split, _stats
+from jaxaccum import _collectives, _dtypes, _split, _stats
 
 PyTree = Any
 
@@ -75,52 +75,10 @@ class _Sums(NamedTuple):
   state: PyTree
 
 
-def _wide(dtype) -> jnp.dtype:
-  """A float dtype of at least 32 bits to sum values of ``dtype`` in."""
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.inexact) and dtype.itemsize >= 4:
-    return dtype
-  return jnp.dtype(jnp.float32)
-
-
-def accumulator_for(accumulator_dtype, dtype) -> jnp.dtype:
-  """The dtype to sum gradients of ``dtype`` in: at least ``accumulator_dtype``.
-
-  Wider floats and complex gradients keep their own precision (and their
-  imaginary part); ``None`` keeps ``dtype``.
-  """
-  dtype = jnp.dtype(dtype)
-  if accumulator_dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-    return dtype
-  acc = jnp.dtype(accumulator_dtype)
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    return dtype if dtype.itemsize >= 2 * acc.itemsize else jnp.dtype(jnp.complex128)
-  return dtype if dtype.itemsize >= acc.itemsize else acc
-
-
-def _is_float(x) -> bool:
-  return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-
-
-def scale_by_weight(x: jax.Array, w: jax.Array | None, dtype) -> jax.Array:
-  """``w * x`` in ``dtype``, exactly zero where ``w == 0`` (even if x is NaN)."""
-  x = x.astype(dtype)
-  if w is None:
-    return x
-  return jnp.where(w > 0, w.astype(dtype) * x, jnp.zeros_like(x))
-
-
-def _ratio(total: jax.Array, weight: jax.Array) -> jax.Array:
-  """``total / weight`` where weight is positive, zero where it is not."""
-  positive = weight > 0
-  safe = jnp.where(positive, weight, jnp.ones_like(weight)).astype(total.dtype)
-  return jnp.where(positive, total / safe, jnp.zeros_like(total))
-
-
 def _state_mean(total: jax.Array, count: jax.Array, fallback: jax.Array) -> jax.Array:
   """Mean of summed states (integers: floor), ``fallback`` if none was kept."""
   safe = jnp.maximum(count, 1).astype(total.dtype)
-  mean = total / safe if _is_float(total) else total // safe
+  mean = total / safe if _dtypes.is_float(total) else total // safe
   return jnp.where(count > 0, mean.astype(fallback.dtype), fallback)
 
 
@@ -170,7 +128,7 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
       w = jnp.asarray(config.weight_fn(*micro))
       if w.shape != ():
         raise ValueError(f"weight_fn must return a scalar per micro-batch, got shape {w.shape}")
-      w = w.astype(_wide(w.dtype))
+      w = w.astype(_dtypes.wide(w.dtype))
     # A micro-batch of weight zero (all padding) is no gradient sample: it is
     # left out of the statistics and, even with a 0 / 0 loss, not counted as
     # skipped.
@@ -189,8 +147,8 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
     acc = config.accumulator_dtype
     sums = _Sums(
         grads=jax.tree.map(
-            lambda g: scale_by_weight(g, w, accumulator_for(acc, g.dtype)), grads),
-        value=scale_by_weight(value, w, _wide(value.dtype)),
+            lambda g: _dtypes.scale_by_weight(g, w, _dtypes.accumulator_for(acc, g.dtype)), grads),
+        value=_dtypes.scale_by_weight(value, w, _dtypes.wide(value.dtype)),
         weight=() if w is None else w,
         aux=_aux_contribution(config.aux_reduction, aux, w),
         kept=kept if config.counts_kept else (),
@@ -199,8 +157,8 @@ def run(config: Config, args: tuple, kwargs: dict, axes: tuple[Hashable, ...],
         sq_norm=(jnp.where(sampled > 0, _stats.sq_norm(grads), 0)
                  if config.with_stats else ()),
         state=tuple(jax.tree.map(
-            lambda s: jnp.where(kept > 0, s.astype(_wide(s.dtype)) if _is_float(s) else s,
-                                jnp.zeros_like(s, _wide(s.dtype) if _is_float(s) else s.dtype)),
+            lambda s: jnp.where(kept > 0, s.astype(_dtypes.wide(s.dtype)) if _dtypes.is_float(s) else s,
+                                jnp.zeros_like(s, _dtypes.wide(s.dtype) if _dtypes.is_float(s) else s.dtype)),
             new_states[p]) for p in mean_pos),
     )
     stacked = aux if config.aux_reduction == "stack" else ()
@@ -247,7 +205,7 @@ def _aux_contribution(aux_reduction: str, aux: PyTree, w: jax.Array | None) -> P
   """What one micro-batch adds to the aux sums (``()`` for ``"stack"``)."""
   aux = jax.tree.map(jnp.asarray, aux)
   if aux_reduction == "mean":
-    return jax.tree.map(lambda a: scale_by_weight(a, w, _wide(a.dtype)), aux)
+    return jax.tree.map(lambda a: _dtypes.scale_by_weight(a, w, _dtypes.wide(a.dtype)), aux)
   if aux_reduction == "sum":
     def add(a):
       a = a.astype(jnp.int32) if a.dtype == jnp.bool_ else a
@@ -270,11 +228,11 @@ def _finalize(config: Config, sums: _Sums, seq_states: tuple, stacked: PyTree,
   if config.weighted:
     total = sums.weight
   else:
-    total = jnp.asarray(n * devices, _wide(sums.value.dtype))
+    total = jnp.asarray(n * devices, _dtypes.wide(sums.value.dtype))
 
   def mean(x):
     if config.weighted:
-      return _ratio(x, total)
+      return _dtypes.ratio(x, total)
     return x / total.astype(x.dtype)
 
   finish = mean if config.reduction == "mean" else (lambda x: x)
@@ -296,13 +254,13 @@ def _finalize(config: Config, sums: _Sums, seq_states: tuple, stacked: PyTree,
     aux = stacked
   else:
     aux = jax.tree.map(
-        lambda a: a.astype(_wide(a.dtype)) / jnp.asarray(devices, _wide(a.dtype)), stacked)
+        lambda a: a.astype(_dtypes.wide(a.dtype)) / jnp.asarray(devices, _dtypes.wide(a.dtype)), stacked)
 
   states = {}
   for p, state in zip((p for p in config.state_argnums if p not in mean_inputs),
                       seq_states):
     states[p] = jax.tree.map(
-        lambda s: s / jnp.asarray(devices, s.dtype) if _is_float(s) else s // devices,
+        lambda s: s / jnp.asarray(devices, s.dtype) if _dtypes.is_float(s) else s // devices,
         state) if devices > 1 else state
   for p, state_sum in zip(mean_inputs, sums.state):
     states[p] = jax.tree.map(lambda s, x: _state_mean(s, sums.kept, x),
@@ -322,9 +280,9 @@ def _make_stats(config: Config, sums: _Sums, acc_grads: PyTree, n: int, size: in
   """The noise-scale statistics from the reduced sums."""
   sampled = sums.sampled
   if config.reduction == "sum":
-    acc_grads = jax.tree.map(lambda g: _ratio(g, sums.weight) if config.weighted
+    acc_grads = jax.tree.map(lambda g: _dtypes.ratio(g, sums.weight) if config.weighted
                              else g / jnp.asarray(n * devices, g.dtype), acc_grads)
-  small_sq = _ratio(sums.sq_norm, sampled)
+  small_sq = _dtypes.ratio(sums.sq_norm, sampled)
   big_sq = _stats.sq_norm(acc_grads)
   b_small = jnp.asarray(size // n, jnp.int32)
   b_big = b_small.astype(jnp.float32) * sampled

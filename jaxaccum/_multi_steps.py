@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxaccum import _collectives, _loop
+from jaxaccum import _collectives, _dtypes
 
 Params = Any
 Updates = Any
@@ -138,7 +138,7 @@ def multi_steps(
         gradient_step=gradient_step,
         inner_opt_state=inner.init(params),
         acc_grads=jax.tree.map(
-            lambda p: jnp.zeros_like(p, _loop.accumulator_for(accumulator_dtype, p.dtype)),
+            lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(accumulator_dtype, p.dtype)),
             params),
         acc_weight=jnp.zeros([], jnp.float32),
         skip_state=skip_state,
@@ -160,7 +160,7 @@ def multi_steps(
     w = jnp.ones([], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
     # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
     w = jnp.where(skip, jnp.zeros_like(w), w)
-    acc_grads = jax.tree.map(lambda acc, g: acc + _loop.scale_by_weight(g, w, acc.dtype),
+    acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
                              state.acc_grads, updates)
     acc_weight = state.acc_weight + w
     mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
