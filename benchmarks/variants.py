@@ -236,12 +236,3 @@ def build(name: str, config: gpt.Config, n: int) -> Variant:
                    (params, opt_state), step, lambda state: (state, grads))
   raise ValueError(f"unknown variant {name=}; known: {STEP_VARIANTS + ('pass', 'update')}")
 
-
-def step_memory(name: str, config: gpt.Config, n: int) -> jax.stages.CompiledMemoryStats:
-  """``memory_analysis()`` of the compiled step of an in-step variant.
-
-  Compiles only (nothing runs); used by the memory test.
-  """
-  variant = build(name, config, n)
-  (program,) = variant.programs
-  return program.fn.lower(*program.args).compile().memory_analysis()
