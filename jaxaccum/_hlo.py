@@ -242,10 +242,10 @@ def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.C
 
 def _count(module: _hlo_text.Module) -> CollectiveCounts:
   """Counts a module's collectives, and their bytes, by where they sit."""
-  flags = _placements(module)
-  numbers = [collections.Counter() for _ in range(3)]
-  sizes = [collections.Counter() for _ in range(3)]
-  for name, reached in flags.items():
+  # Per placement (inside loops, outside loops, in conditionals) and kind.
+  numbers = [collections.Counter() for _ in CollectiveCounts._fields]
+  sizes = [collections.Counter() for _ in CollectiveCounts._fields]
+  for name, reached in _placements(module).items():
     # A computation reached both ways is counted where it is costlier.
     in_loop = any(loop for loop, _ in reached)
     in_branch = any(branch for _, branch in reached)
@@ -257,8 +257,8 @@ def _count(module: _hlo_text.Module) -> CollectiveCounts:
         for place in places:
           numbers[place][_KINDS[ins.opcode]] += 1
           sizes[place][_KINDS[ins.opcode]] += size
-  by_kind = lambda counters: [CollectivesByKind(**c) for c in counters]
-  return CollectiveCounts(*by_kind(numbers), bytes=CollectiveCounts(*by_kind(sizes)))
+  return CollectiveCounts(*(CollectivesByKind(**c) for c in numbers),
+                          bytes=CollectiveCounts(*(CollectivesByKind(**c) for c in sizes)))
 
 
 def _placements(module: _hlo_text.Module) -> dict[str, set[tuple[bool, bool]]]:

@@ -1,10 +1,11 @@
-"""``jaxaccum.count_collectives``: which collectives a compiled step runs, and where.
+"""``jaxaccum.count_collectives``: which collectives a compiled step runs, where, and their bytes.
 
 Hand-written steps with a known placement (a ``psum`` in a scan body versus
 after the scan, in a ``cond`` inside or outside a loop, each collective kind)
-compiled on 8 CPU devices, and hand-written HLO text for what the CPU
-compiler never emits (asynchronous start/done pairs, ``async-start``
-wrappers, ``true_computation=``) and for the parser's edge cases.
+and known sizes, compiled on 8 CPU devices, and hand-written HLO text for
+what the CPU compiler never emits (asynchronous start/done pairs,
+``async-start`` wrappers, ``true_computation=``, other element types) and for
+the parser's edge cases; text that is not optimized HLO is an error.
 """
 
 import jax
