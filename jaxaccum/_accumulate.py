@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import traceback_util
 
 from jaxaccum import _loop, _parallel
 from jaxaccum._options import Options
@@ -220,7 +221,12 @@ def _layout(options: Options) -> Layout:
 def _public(fun: Callable[..., Any], options: Options,
             nest: Callable[[_loop.Outputs], Any]) -> Callable[..., Any]:
   core = build(fun, options)
-  return lambda *args, **kwargs: nest(core(*args, **kwargs))
+
+  @traceback_util.api_boundary
+  def accumulated(*args, **kwargs):
+    return nest(core(*args, **kwargs))
+
+  return accumulated
 
 
 def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outputs]:
@@ -273,8 +279,9 @@ def _checked(fun: Callable[..., Any], options: Options) -> Callable[..., Any]:
                  else "has_aux=True")
       expected = "(loss, aux)" if not options.state_argnums else (
           "(loss, (aux, new_state))" if options.has_aux else "(loss, new_state)")
-      raise TypeError(f"with {because}, fun must return {expected}; it returned "
-                      f"{type(out).__name__} {jax.tree.structure(out)}")
+      got = (f"an array of shape {jnp.shape(out)}" if hasattr(out, "shape")
+             else f"a {type(out).__name__}")
+      raise TypeError(f"with {because}, fun must return {expected}; it returned {got}")
     return out
 
   return checked

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax._src import traceback_util
 
 from jaxaccum import _accumulate, _parallel
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
@@ -265,6 +266,7 @@ class _Accumulated:
     self.cores: dict[Any, Callable[..., Any]] = {}
     functools.update_wrapper(self, f)
 
+  @traceback_util.api_boundary
   def __call__(self, *args, **kwargs):
     options = self.spec.options
     if options.batch_argnums and max(options.batch_argnums) >= len(args):

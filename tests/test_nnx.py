@@ -324,3 +324,89 @@ def test_invalid_options():
   with pytest.raises(ValueError, match="15"):
     jaxaccum.nnx.value_and_grad(mse, num_microbatches=2, batch_argnums=(1, 2))(
         model, x[:15], y[:15])
+
+
+# --- NNX code as the tutorials write it. ---
+
+
+class RngsNet(nnx.Module):
+  """Dropout drawing from an ``nnx.Rngs`` passed at call time; returns the mask."""
+
+  def __init__(self, rngs, din=4, dout=2):
+    self.drop = nnx.Dropout(0.5)
+    self.layer = nnx.Linear(din, dout, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    mask = self.drop(jnp.ones_like(x), rngs=rngs)
+    return self.layer(x * mask), mask
+
+
+def rngs_loss(model, x, y, rngs):
+  out, mask = model(x, rngs)
+  return jnp.mean(jnp.square(out - y)), mask
+
+
+def test_rngs_argument_draws_the_masks_of_n_sequential_calls():
+  x, y = data()
+  model, rngs = RngsNet(nnx.Rngs(0)), nnx.Rngs(dropout=1)
+  ref_model, ref_rngs = nnx.clone(model), nnx.clone(rngs)
+  (loss, masks), grads = jaxaccum.nnx.value_and_grad(
+      rngs_loss, num_microbatches=N, batch_argnums=(1, 2), has_aux=True,
+      aux_reduction="concat")(model, x, y, rngs)
+  ref_losses, ref_masks, ref_grads = [], [], []
+  for i in range(N):
+    (l, m), g = nnx.value_and_grad(rngs_loss, has_aux=True)(
+        ref_model, *micro((x, y), i), ref_rngs)
+    ref_losses.append(l), ref_masks.append(m), ref_grads.append(g)
+  for i in range(N):
+    np.testing.assert_array_equal(masks[i::N], ref_masks[i])
+  assert len({np.asarray(m).tobytes() for m in ref_masks}) == N
+  assert_rel_close(loss, jnp.mean(jnp.stack(ref_losses)))
+  assert_rel_close(leaves(grads), [sum(t) / N for t in zip(*map(leaves, ref_grads))])
+  # The Rngs advanced as N calls would advance it.
+  assert leaves(nnx.state(rngs)) == leaves(nnx.state(ref_rngs))
+
+
+def test_compiles_once_per_graph_structure_outside_nnx_jit():
+  traces = []
+
+  def loss(model, x, y):
+    traces.append(None)
+    return mse(model, x, y)
+
+  x, y = data()
+  vg = jaxaccum.nnx.value_and_grad(loss, num_microbatches=N, batch_argnums=(1, 2))
+  model = MLP(nnx.Rngs(0))
+  vg(model, x, y)
+  count = len(traces)
+  for seed in (1, 2):
+    vg(MLP(nnx.Rngs(seed)), x, y)  # same graph structure, new values
+  assert len(traces) == count
+  vg(MLP(nnx.Rngs(0), hidden=8), x, y)  # a new structure compiles again
+  assert len(traces) > count
+
+
+def test_argnums_tuple_and_diff_state_match_nnx():
+  x, y = data()
+  encoder, head = nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1))
+
+  def loss(encoder, head, x, y):
+    return jnp.mean(jnp.square(head(jnp.tanh(encoder(x))) - y))
+
+  argnums = (nnx.DiffState(0, nnx.PathContains("kernel")), 1)
+  ref_loss, ref_grads = nnx.value_and_grad(loss, argnums=argnums)(encoder, head, x, y)
+  got_loss, got_grads = jaxaccum.nnx.value_and_grad(
+      loss, argnums=argnums, num_microbatches=N, batch_argnums=(2, 3))(encoder, head, x, y)
+  assert isinstance(got_grads, tuple) and len(got_grads) == 2
+  for got, ref in zip(got_grads, ref_grads):
+    assert jax.tree.structure(nnx.to_pure_dict(got)) == jax.tree.structure(
+        nnx.to_pure_dict(ref))
+  assert_rel_close((got_loss, [leaves(g) for g in got_grads]),
+                   (ref_loss, [leaves(g) for g in ref_grads]))
+
+
+def test_argnums_naming_an_array_is_a_clear_error():
+  x, y = data()
+  f = jaxaccum.nnx.value_and_grad(mse, argnums=1, num_microbatches=N, batch_argnums=2)
+  with pytest.raises(ValueError, match="not NNX objects"):
+    f(MLP(nnx.Rngs(0)), x, y)
