@@ -1,10 +1,31 @@
 """jaxaccum: exact gradient accumulation for JAX, optax and Flax.
 
-``jaxaccum.nnx`` (Flax NNX adapters) is imported on first use, so the core
-never imports flax.
+Modules, one concept each:
+
+- ``_options``: the options of an accumulated function, validated once.
+- ``_split``: checking a batch and splitting it into strided micro-batches.
+- ``_microstep``: one micro-batch's call of ``fun``, weighed.
+- ``_reducers``: one reducer per accumulated quantity (value, gradients,
+  weight, aux, states, statistics): what a micro-batch contributes, and how
+  the reduced sum becomes the result.
+- ``_loop``: zeros, one ``lax.scan``, the cross-device reduction, finalize.
+- ``_parallel``: every piece of multi-device code (``axis_name``,
+  ``data_axis``).
+- ``_result``: how the result is nested for the user.
+- ``_dtypes``: accumulator dtypes and weight rules, shared with
+  ``_multi_steps`` (accumulation across optimizer steps).
+- ``_hlo``, ``_planner``, ``_noise_scale``, ``_stats``: collectives in
+  compiled programs, choosing ``N`` from compiled memory, noise-scale
+  statistics.
+
+Data flow of one call: options -> micro-step -> reducers -> one reduction ->
+result. ``jaxaccum.nnx`` (Flax NNX adapters) is imported on first use, so the
+core never imports flax.
 """
 
-import importlib
+import os as _os
+
+from jax._src import traceback_util as _traceback_util
 
 from jaxaccum._accumulate import grad, value_and_grad
 from jaxaccum._hlo import CollectiveCounts, CollectivesByKind, count_collectives
@@ -27,14 +48,25 @@ __all__ = [
     "grad",
     "has_updated",
     "multi_steps",
+    "nnx",
     "noise_scale_ema",
     "plan_microbatches",
     "plan_step",
     "value_and_grad",
 ]
 
+# A user's error shows the user's frame first, as it does for jax's own code.
+_traceback_util.register_exclusion(_os.path.dirname(__file__))
+del _os, _traceback_util
+
 
 def __getattr__(name: str):
   if name == "nnx":
-    return importlib.import_module("jaxaccum.nnx")
+    import jaxaccum.nnx  # pylint: disable=import-outside-toplevel
+
+    return jaxaccum.nnx
   raise AttributeError(f"module 'jaxaccum' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | {"nnx"})

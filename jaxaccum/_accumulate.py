@@ -1,4 +1,4 @@
-"""In-step gradient accumulation: a ``lax.scan`` over micro-batches."""
+"""In-step gradient accumulation: the public ``value_and_grad`` and ``grad``."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxaccum import _collectives, _loop, _split
+from jaxaccum import _loop, _parallel
+from jaxaccum._options import Options
+from jaxaccum._result import Layout
 
-PyTree = Any
-_REDUCTIONS = ("mean", "sum")
-_AUX_REDUCTIONS = ("mean", "sum", "stack")
-_STATE_POLICIES = ("sequential", "mean")
+AxisName = Hashable | Sequence[Hashable] | None
 
 
 def value_and_grad(
@@ -26,18 +23,19 @@ def value_and_grad(
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
     argnums: int | Sequence[int] = 0,
-    batch_argnums: int | Sequence[int] = 1,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
     has_aux: bool = False,
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
     reduction: str = "mean",
-    aux_reduction: str = "mean",
+    aux_reduction: Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     rng_argnums: int | Sequence[int] = (),
-    axis_name: Hashable | Sequence[Hashable] | None = None,
-    data_axis: Hashable | Sequence[Hashable] | None = None,
+    axis_name: AxisName = None,
+    data_axis: AxisName = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     state_argnums: int | Sequence[int] = (),
-    state_policy: str | Sequence[str] = "sequential",
+    state_policy: str | Sequence[str] | None = None,
     with_stats: bool = False,
     skip_nonfinite: bool = False,
 ) -> Callable[..., Any]:
@@ -68,21 +66,31 @@ def value_and_grad(
     microbatch_size: rows per micro-batch, ``B / N``.
     argnums: positional argument(s) to differentiate with respect to.
     batch_argnums: positional argument(s) holding the batch: pytrees of arrays
-      sharing one leading axis of size ``B``.
+      sharing one leading axis of size ``B``. Default ``1``, or none when
+      ``batch_argnames`` is given.
+    batch_argnames: keyword argument(s) holding batch pytrees, split like
+      ``batch_argnums`` (``grad_fn(params, batch=b)``). Every other keyword
+      argument is passed whole to every micro-batch.
     has_aux: whether ``fun`` returns ``(loss, aux)``.
-    weight_fn: called as ``weight_fn(*micro_batch_args)``, returns the
-      non-negative scalar weight of one micro-batch (e.g. its number of
-      non-padding tokens). The result is
+    weight_fn: called as ``weight_fn(*micro_batch_args, **micro_batch_kwargs)``
+      (the batch arguments only), returns the non-negative scalar weight of
+      one micro-batch (e.g. its number of non-padding tokens). The result is
       then ``sum_i w_i f_i / sum_i w_i``; a micro-batch of weight zero
       contributes nothing, even a NaN loss, and if every weight is zero the
-      value and gradients are zero.
+      value and gradients are zero. A NaN or negative weight makes the value
+      and gradients NaN.
     reduction: ``"mean"`` (over micro-batches, weighted by ``weight_fn``) or
       ``"sum"`` (``sum_i w_i f_i``; ``w_i = 1`` without ``weight_fn``).
-    aux_reduction: ``"mean"`` (weighted by ``weight_fn`` when given; integer
-      leaves come back as float32), ``"sum"`` (unweighted), or ``"stack"`` (a
-      new leading axis of size ``N``).
-    accumulator_dtype: the least precise dtype gradients are summed in
-      (float32: bf16 gradients are summed in float32, float64 and complex
+    aux_reduction: how each aux leaf is combined: ``"mean"`` (weighted by
+      ``weight_fn`` when given; integer leaves come back as float32),
+      ``"sum"`` (unweighted), ``"stack"`` (a new leading axis of size ``N``,
+      micro-batch ``i`` at index ``i``), or ``"concat"`` for per-example
+      outputs such as logits: the rows back in the full batch's order and
+      shape, equal to the full-batch aux. A pytree of these names that is a
+      prefix of the aux picks per leaf, e.g. ``{"logits": "concat",
+      "accuracy": "mean"}``.
+    accumulator_dtype: the least precise floating dtype gradients are summed
+      in (float32: bf16 gradients are summed in float32, float64 and complex
       ones in their own dtype); ``None`` sums each in its own dtype.
       Gradients come back in each parameter's dtype.
     rng_argnums: positional argument(s) that are PRNG keys; micro-batch ``i``
@@ -116,8 +124,17 @@ def value_and_grad(
       ``(result, stats)``. Costs one squared norm per micro-batch.
     skip_nonfinite: leave out of the sums every micro-batch whose loss or
       gradients hold a NaN or an infinity (its weight becomes zero, so the mean
-      is over the others; its sequential state update is dropped). The
-      default propagates them, so nothing is hidden silently.
+      is over the others; its sequential state update is dropped). If every
+      micro-batch of positive weight is left out, value and gradients are NaN,
+      so ``optax.apply_if_finite`` or ``should_skip_update_fn`` skip the step.
+      The default propagates non-finite values, so nothing is hidden silently.
+
+  Called outside :func:`jax.jit`, the returned function compiles itself once
+  per shapes and dtypes of the array arguments (and values of the non-array
+  ones, which it treats as static): like any jitted function, Python state
+  that ``fun`` reads (a global, an attribute, a mutated numpy array) is
+  frozen at the first call. With one micro-batch it calls ``fun`` eagerly,
+  bit-identical to :func:`jax.value_and_grad`.
 
   Returns:
     A function with the signature of ``fun`` returning what
@@ -125,10 +142,11 @@ def value_and_grad(
     ``((value, aux), grads)``.
 
   Raises:
-    ValueError: invalid static options (checked here), or at call time a batch
-      whose leading size is not divisible by ``N`` or whose leaves' leading
-      sizes differ.
-    TypeError: at call time, a batch leaf that is not an array.
+    TypeError: an option of the wrong type (checked here), or at call time a
+      batch leaf that is not an array.
+    ValueError: an option of a wrong value (checked here), or at call time a
+      batch whose leading size is not divisible by ``N`` or whose leaves'
+      leading sizes differ.
 
   Example:
 
@@ -144,82 +162,32 @@ def value_and_grad(
     >>> bool(jnp.allclose(grads, ref_grads)), bool(jnp.allclose(value, ref_value))
     (True, True)
   """
-  _split.check_counts(num_microbatches, microbatch_size)
-  argnums_t = _split.normalize_argnums("argnums", argnums)
-  batch_t = _split.normalize_argnums("batch_argnums", batch_argnums)
-  rng_t = _split.normalize_argnums("rng_argnums", rng_argnums)
-  if not batch_t:
-    raise ValueError(f"batch_argnums must name at least one argument, got {batch_argnums=}")
-  for name, other in (("argnums", argnums_t), ("rng_argnums", rng_t)):
-    if set(batch_t) & set(other):
-      raise ValueError(f"batch_argnums and {name} overlap: {batch_argnums=}, {name}={other}")
-  if set(argnums_t) & set(rng_t):
-    raise ValueError(f"argnums and rng_argnums overlap: {argnums=}, {rng_argnums=}")
-  if reduction not in _REDUCTIONS:
-    raise ValueError(f"{reduction=} must be one of {_REDUCTIONS}")
-  if aux_reduction not in _AUX_REDUCTIONS:
-    raise ValueError(f"{aux_reduction=} must be one of {_AUX_REDUCTIONS}")
-  if axis_name is not None and data_axis is not None:
-    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}")
-  if mesh is not None and data_axis is None:
-    raise ValueError("mesh= is only used with data_axis=")
-  state_t = _split.normalize_argnums("state_argnums", state_argnums)
-  if set(state_t) & set(argnums_t + batch_t + rng_t):
-    raise ValueError(
-        f"state_argnums={state_argnums!r} overlaps argnums, batch_argnums or "
-        f"rng_argnums ({argnums=}, {batch_argnums=}, {rng_argnums=})")
-  policies = ((state_policy,) * len(state_t) if isinstance(state_policy, str)
-              else tuple(state_policy))
-  if len(policies) != len(state_t) or any(p not in _STATE_POLICIES for p in policies):
-    raise ValueError(
-        f"{state_policy=} must be one of {_STATE_POLICIES}, or one of them per "
-        f"entry of {state_argnums=}")
-
-  config = _loop.Config(
-      grad_fn=jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux or bool(state_t)),
-      num_microbatches=num_microbatches, microbatch_size=microbatch_size,
-      argnums=argnums_t, batch_argnums=batch_t, rng_argnums=rng_t,
-      state_argnums=state_t, state_policies=policies,
-      state_is_tuple=not isinstance(state_argnums, (int, np.integer)), has_aux=has_aux,
-      weight_fn=weight_fn, reduction=reduction, aux_reduction=aux_reduction,
-      accumulator_dtype=accumulator_dtype, with_stats=with_stats,
-      skip_nonfinite=skip_nonfinite,
-  )
-  positions = argnums_t + batch_t + rng_t + state_t
-
-  def accumulate(*args, **kwargs):
-    if data_axis is not None:
-      return _data_parallel(config, args, kwargs, data_axis, mesh)
-    return _loop.run(config, args, kwargs, _collectives.axes_of(axis_name))
-
-  # Called outside jit, the scan would be traced and compiled on every call;
-  # one jit of our own, made once, is compiled once per shape. (A single
-  # micro-batch calls ``fun`` as it is: bit-identical to jax.value_and_grad.)
-  compiled = jax.jit(accumulate)
-
-  @functools.wraps(fun)
-  def wrapped(*args, **kwargs):
-    if positions and max(positions) >= len(args):
-      raise ValueError(
-          f"argnums={argnums!r}, batch_argnums={batch_argnums!r}, "
-          f"rng_argnums={rng_argnums!r} and state_argnums={state_argnums!r} must "
-          f"name positional arguments, but the function was called with {len(args)}"
-      )
-    if axis_name is None and _all_concrete_arrays((args, kwargs)) and (
-        data_axis is not None or _loop.num_microbatches_of(config, args) > 1):
-      return compiled(*args, **kwargs)
-    return accumulate(*args, **kwargs)
-
-  return wrapped
+  options = Options.create(**_keywords(locals()))
+  return functools.wraps(fun)(_public(fun, options, _layout(options).value_and_grad))
 
 
-def _all_concrete_arrays(tree: PyTree) -> bool:
-  """Whether every leaf is an array with a value (no tracer, no Python object)."""
-  return all(isinstance(x, (jax.Array, np.ndarray, np.generic))
-             and not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
-def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+def grad(
+    fun: Callable[..., Any],
+    *,
+    num_microbatches: int | None = None,
+    microbatch_size: int | None = None,
+    argnums: int | Sequence[int] = 0,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
+    has_aux: bool = False,
+    weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
+    reduction: str = "mean",
+    aux_reduction: Any = "mean",
+    accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
+    rng_argnums: int | Sequence[int] = (),
+    axis_name: AxisName = None,
+    data_axis: AxisName = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    state_argnums: int | Sequence[int] = (),
+    state_policy: str | Sequence[str] | None = None,
+    with_stats: bool = False,
+    skip_nonfinite: bool = False,
+) -> Callable[..., Any]:
   """Like :func:`jax.grad`, accumulated over micro-batches.
 
   Takes the options of :func:`jaxaccum.value_and_grad` and returns only the
@@ -235,60 +203,121 @@ def grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     >>> float(g)  # d/dw mean(x^2 w^2) = 2 w mean(x^2) = 6 * 3.5
     21.0
   """
-  has_aux = options.get("has_aux", False) or bool(
-      _split.normalize_argnums("state_argnums", options.get("state_argnums", ())))
-  return drop_value(value_and_grad(fun, **options), fun, has_aux=has_aux,
-                    with_stats=options.get("with_stats", False))
+  options = Options.create(**_keywords(locals()))
+  return functools.wraps(fun)(_public(fun, options, _layout(options).grad))
 
 
-def drop_value(vg: Callable[..., Any], fun: Callable[..., Any], *, has_aux: bool,
-               with_stats: bool) -> Callable[..., Any]:
-  """Turns a ``value_and_grad``-style function into a ``grad``-style one."""
+def _keywords(names: dict[str, Any]) -> dict[str, Any]:
+  """The public keyword arguments among a function's locals."""
+  return {k: v for k, v in names.items() if k != "fun"}
+
+
+def _layout(options: Options) -> Layout:
+  return Layout(options.has_aux, len(options.state_argnums), options.state_is_tuple,
+                options.with_stats)
+
+
+def _public(fun: Callable[..., Any], options: Options,
+            nest: Callable[[_loop.Outputs], Any]) -> Callable[..., Any]:
+  core = build(fun, options)
+  return lambda *args, **kwargs: nest(core(*args, **kwargs))
+
+
+def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outputs]:
+  """The accumulated ``fun``: ``(*args, **kwargs) -> Outputs``.
+
+  Called outside any trace it runs under a jit of its own, made once here,
+  so it compiles once per shapes (non-array leaves are static); with a single
+  micro-batch it calls ``fun`` eagerly, bit-identical to
+  :func:`jax.value_and_grad`.
+  """
+  grad_fn = jax.value_and_grad(
+      _checked(fun, options),
+      argnums=options.argnums[0] if options.argnums_is_int else options.argnums,
+      has_aux=options.has_aux or bool(options.state_argnums))
+  parallel = _parallel.for_options(options)
+
+  def accumulate(args, kwargs):
+    return _loop.accumulate(options, grad_fn, parallel, args, kwargs)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def compiled(static, arrays):
+    return accumulate(*_Static.merge(static, arrays))
+
+  def call(*args, **kwargs):
+    if options.positions and max(options.positions) >= len(args):
+      raise ValueError(
+          f"{options.describe_positions()} must name positional arguments, but the "
+          f"function was called with {len(args)}")
+    if options.axis_name or _traced((args, kwargs)) or (
+        not options.data_axis and _loop.num_microbatches(options, args, kwargs) == 1):
+      return accumulate(args, kwargs)
+    static, arrays = _Static.split((args, kwargs))
+    if static is None:
+      return accumulate(args, kwargs)
+    return compiled(static, arrays)
+
+  return call
+
+
+def _checked(fun: Callable[..., Any], options: Options) -> Callable[..., Any]:
+  """``fun``, with a clear error when its output does not match the options."""
+  if not (options.has_aux or options.state_argnums):
+    return fun
 
   @functools.wraps(fun)
-  def wrapped(*args, **kwargs):
-    result = vg(*args, **kwargs)
-    (out, grads), stats = result if with_stats else (result, None)
-    grads = (grads, out[1]) if has_aux else grads
-    return (grads, stats) if with_stats else grads
+  def checked(*args, **kwargs):
+    out = fun(*args, **kwargs)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+      because = (f"state_argnums={options.state_argnums}" if options.state_argnums
+                 else "has_aux=True")
+      expected = "(loss, aux)" if not options.state_argnums else (
+          "(loss, (aux, new_state))" if options.has_aux else "(loss, new_state)")
+      raise TypeError(f"with {because}, fun must return {expected}; it returned "
+                      f"{type(out).__name__} {jax.tree.structure(out)}")
+    return out
 
-  return wrapped
+  return checked
 
 
-def _data_parallel(config: _loop.Config, args: tuple, kwargs: dict,
-                   data_axis: Hashable | Sequence[Hashable],
-                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None):
-  """Runs the loop in a ``shard_map`` over ``data_axis``: one reduction after it."""
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  axes = _collectives.axes_of(data_axis)
-  missing = [a for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(
-        f"{data_axis=} names axes {missing} that the mesh does not have "
-        f"(mesh axes: {mesh.axis_names}); pass mesh= or set one with jax.set_mesh")
-  devices = int(np.prod([mesh.shape[a] for a in axes]))
-  size = _split.batch_size(tuple(args[i] for i in config.batch_argnums))
-  n = _split.resolve_num_microbatches(size, config.num_microbatches,
-                                      config.microbatch_size)
-  if size % (n * devices):
-    raise ValueError(
-        f"batch leading size {size} cannot be split into num_microbatches={n} "
-        f"on each of the {devices} devices of {data_axis=}: it must be "
-        f"divisible by {n * devices}")
-  batch_spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
-  specs = tuple(batch_spec if i in config.batch_argnums else PartitionSpec()
-                for i in range(len(args)))
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  if any(types[a] == jax.sharding.AxisType.Explicit for a in axes):
-    # Explicit-sharding meshes do not reshard shard_map inputs implicitly.
-    to = ((lambda spec: NamedSharding(mesh, spec))
-          if isinstance(mesh, jax.sharding.Mesh) else (lambda spec: spec))
-    args = tuple(jax.sharding.reshard(a, to(spec)) for a, spec in zip(args, specs))
+def _traced(tree: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
-  def local(*local_args):
-    salt = lax.axis_index(axes if len(axes) > 1 else axes[0])
-    return _loop.run(config, local_args, kwargs, axes, rng_salt=salt,
-                     num_microbatches=n)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
-                       axis_names=frozenset(axes))(*args)
+class _Static:
+  """The non-array leaves of a call, hashed as static arguments of the jit.
+
+  Python scalars are compared by type and value, so repeated calls with the
+  same ones reuse the compiled step (and ``1`` and ``True`` do not collide).
+  """
+
+  def __init__(self, treedef, values):
+    self.treedef, self.values = treedef, values
+
+  @classmethod
+  def split(cls, tree: Any) -> tuple[_Static | None, list]:
+    leaves, treedef = jax.tree.flatten(tree)
+    is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+    static = cls(treedef, tuple((i, type(x), x) for i, (x, a) in
+                                enumerate(zip(leaves, is_array)) if not a))
+    try:
+      hash(static)
+    except TypeError:
+      return None, []
+    return static, [x if a else None for x, a in zip(leaves, is_array)]
+
+  @staticmethod
+  def merge(static: _Static, arrays: list) -> Any:
+    leaves = list(arrays)
+    for i, _, x in static.values:
+      leaves[i] = x
+    return static.treedef.unflatten(leaves)
+
+  def _key(self):
+    return (self.treedef, self.values)
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self._key() == other._key()

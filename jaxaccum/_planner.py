@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxaccum import _accumulate, _collectives, _split
+from jaxaccum import _accumulate, _options, _parallel, _split
 
 
 class MicrobatchPlan(NamedTuple):
@@ -116,14 +116,18 @@ def plan_microbatches(
       raise ValueError(
           f"plan_microbatches chooses {name}; do not pass it (got {name}={options[name]!r})")
   # Validates the options before any compilation.
-  _accumulate.value_and_grad(fun, num_microbatches=1, **options)
-  batch_t = _split.normalize_argnums("batch_argnums", options.get("batch_argnums", 1))
-  if max(batch_t) >= len(args):
+  opts = _options.Options.create(num_microbatches=1, **options)
+  if opts.batch_argnames:
+    raise ValueError(
+        f"plan_microbatches takes positional arguments only; it got "
+        f"batch_argnames={opts.batch_argnames}: bind keyword arguments with "
+        "functools.partial, or plan the step with plan_step")
+  if max(opts.batch_argnums) >= len(args):
     raise ValueError(
         f"batch_argnums={options.get('batch_argnums', 1)!r} names a positional argument "
         f"but {len(args)} were given")
-  size = _batch_size(tuple(args[i] for i in batch_t))
-  devices = _data_devices(options.get("data_axis"), options.get("mesh"))
+  size = _batch_size(tuple(args[i] for i in opts.batch_argnums))
+  devices = _parallel.data_devices(opts.data_axis, opts.mesh)
   if size % devices:
     raise ValueError(
         f"batch size {size} is not divisible by the {devices} devices of "
@@ -186,8 +190,11 @@ def plan_step(
     >>> plan.num_microbatches
     1
   """
-  if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
-      or batch_size < 1:
+  try:
+    positive = _options.index("batch_size", batch_size) >= 1
+  except TypeError:
+    raise TypeError(f"batch_size must be a positive int, got {batch_size=!r}") from None
+  if not positive:
     raise ValueError(f"batch_size must be a positive int, got {batch_size=!r}")
 
   def compile_target(n):
@@ -249,8 +256,11 @@ def _budget(memory_budget) -> int:
           "'bytes_limit'); pass memory_budget= in bytes")
     return int(limit)
   if isinstance(memory_budget, bool) or not isinstance(
-      memory_budget, (int, float, np.integer, np.floating)) or not memory_budget > 0:
-    raise ValueError(f"memory_budget must be a positive number of bytes, got "
+      memory_budget, (int, float, np.integer, np.floating)):
+    raise TypeError(f"memory_budget must be a positive number of bytes, got "
+                    f"{memory_budget=!r}")
+  if not 0 < memory_budget < float("inf"):
+    raise ValueError(f"memory_budget must be a positive number of bytes, finite, got "
                      f"{memory_budget=!r}")
   return int(memory_budget)
 
@@ -275,12 +285,3 @@ def _batch_size(batch: tuple) -> int:
   return _split.batch_size(jax.tree.map(
       lambda x: np.broadcast_to(np.zeros((), np.int8), x.shape)
       if isinstance(x, jax.ShapeDtypeStruct) else x, batch))
-
-
-def _data_devices(data_axis, mesh) -> int:
-  """Devices the batch is split over with ``data_axis`` (1 without it)."""
-  if data_axis is None:
-    return 1
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  # An axis the mesh lacks is reported by value_and_grad when compiling.
-  return int(np.prod([mesh.shape.get(a, 1) for a in _collectives.axes_of(data_axis)]))

@@ -10,61 +10,35 @@ devices and make XLA gather the batch (see the scale-out notes in the README).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 PyTree = Any
 
 
-def normalize_argnums(name: str, argnums: int | Sequence[int]) -> tuple[int, ...]:
-  """Returns ``argnums`` as a tuple of non-negative ints, or raises ValueError."""
-  nums = (argnums,) if isinstance(argnums, (int, np.integer)) else tuple(argnums)
-  for n in nums:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-      raise ValueError(f"{name} must be non-negative ints, got {name}={argnums!r}")
-  if len(set(nums)) != len(nums):
-    raise ValueError(f"{name} has repeated entries: {name}={argnums!r}")
-  return tuple(int(n) for n in nums)
-
-
-def resolve_num_microbatches(
-    batch_size: int, num_microbatches: int | None, microbatch_size: int | None
-) -> int:
+def resolve_num_microbatches(batch_size: int, options: Any) -> int:
   """Returns N for a batch of ``batch_size`` rows, or raises ValueError."""
-  if microbatch_size is not None:
+  where = (f"the batch arguments (batch_argnums={options.batch_argnums}, "
+           f"batch_argnames={options.batch_argnames})")
+  if batch_size == 0:
+    raise ValueError(f"{where} have leading size 0: there are no rows to split")
+  if options.microbatch_size is not None:
+    microbatch_size = options.microbatch_size
     if batch_size % microbatch_size:
       raise ValueError(
-          f"batch leading size {batch_size} is not divisible by "
-          f"{microbatch_size=}"
-      )
+          f"batch leading size {batch_size} is not divisible by {microbatch_size=}; "
+          f"{where} must have a multiple of it as their leading size")
     return batch_size // microbatch_size
+  num_microbatches = options.num_microbatches
   if batch_size % num_microbatches:
     raise ValueError(
-        f"batch leading size {batch_size} is not divisible by "
-        f"{num_microbatches=}"
-    )
+        f"batch leading size {batch_size} is not divisible by {num_microbatches=}; "
+        f"{where} must have a multiple of it as their leading size")
   return num_microbatches
-
-
-def check_counts(num_microbatches: int | None, microbatch_size: int | None) -> None:
-  """Validates the two mutually exclusive size options."""
-  if (num_microbatches is None) == (microbatch_size is None):
-    raise ValueError(
-        "exactly one of num_microbatches and microbatch_size must be given, got "
-        f"{num_microbatches=} and {microbatch_size=}"
-    )
-  for name, value in (("num_microbatches", num_microbatches),
-                      ("microbatch_size", microbatch_size)):
-    if value is None:
-      continue
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-      raise ValueError(f"{name} must be an int, got {name}={value!r}")
-    if value < 1:
-      raise ValueError(f"{name} must be >= 1, got {name}={value}")
 
 
 def batch_size(batch: PyTree) -> int:
@@ -109,3 +83,8 @@ def microbatch(strided: PyTree, i: jax.Array) -> PyTree:
   return jax.tree.map(
       lambda x: lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False), strided
   )
+
+
+def unstride(stacked: jax.Array) -> jax.Array:
+  """Per-micro-batch rows ``(N, B // N, ...)`` back in the batch's order ``(B, ...)``."""
+  return jnp.swapaxes(stacked, 0, 1).reshape(-1, *stacked.shape[2:])

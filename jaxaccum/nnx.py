@@ -14,35 +14,60 @@ updated in place. Inside, the module is split into arrays and handed to
   micro-batch ``i - 1`` left, as ``N`` small forward passes would: each
   micro-batch draws distinct dropout keys from the module's ``nnx.Rngs``;
 - RNG keys and parameters outside ``wrt`` are constants.
+
+NNX objects passed after the module (an ``nnx.Rngs``, a second module) are
+handled the same way: their variables are threaded through the loop, so an
+``nnx.Rngs`` argument draws distinct keys in every micro-batch. The core
+function is built once per graph structure, so outside :func:`flax.nnx.jit`
+a step compiles once per graph structure and shapes.
+
+Example:
+
+  >>> import jax.numpy as jnp, jaxaccum
+  >>> from flax import nnx
+  >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  >>> loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
+  >>> loss, grads = jaxaccum.nnx.value_and_grad(loss_fn, num_microbatches=2)(
+  ...     model, jnp.ones((4, 2)))
+  >>> sorted(grads.keys())
+  ['bias', 'kernel']
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
-from jaxaccum import _accumulate, _collectives, _split
+from jaxaccum import _accumulate, _parallel
+from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
+from jaxaccum._result import Layout
 
 __all__ = ["grad", "value_and_grad"]
+
+# The variables of each NNX argument, in the order nnx.split returns them;
+# the first filter that matches a variable wins.
+_PARTS = ("diff", "stats", "keys", "frozen", "rest")
 
 
 def value_and_grad(
     f: Callable[..., Any],
     *,
+    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
     wrt: Any = nnx.Param,
     has_aux: bool = False,
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
-    batch_argnums: int | Sequence[int] = 1,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
     reduction: str = "mean",
-    aux_reduction: str = "mean",
+    aux_reduction: Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
     data_axis: Hashable | Sequence[Hashable] | None = None,
@@ -67,20 +92,29 @@ def value_and_grad(
   Args:
     f: ``f(model, *args)`` returning a scalar loss, or ``(loss, aux)`` with
       ``has_aux=True``. It must not add variables to the module (no
-      ``sow``), and its arguments after the module are arrays or pytrees.
+      ``sow``). Its arguments are NNX objects (modules, ``nnx.Rngs``),
+      arrays or pytrees of arrays.
+    argnums: as for :func:`flax.nnx.value_and_grad`: the position(s) of the
+      NNX objects to differentiate, each an int (its ``wrt`` variables) or an
+      :class:`flax.nnx.DiffState` naming its own filter. A tuple returns a
+      tuple of gradient states.
     wrt: an NNX filter of the variables to differentiate (default
-      :class:`flax.nnx.Param`), as for :class:`flax.nnx.Optimizer`. Parameters
-      it leaves out are held constant.
+      :class:`flax.nnx.Param`) for the ``argnums`` given as ints, as for
+      :class:`flax.nnx.Optimizer`. Parameters it leaves out are held constant.
     has_aux: whether ``f`` returns ``(loss, aux)``.
     num_microbatches: number of micro-batches ``N``. Exactly one of this and
       ``microbatch_size`` is given.
     microbatch_size: rows per micro-batch, ``B / N``.
     batch_argnums: position(s) of the batch argument(s) in ``f``'s signature
       (the module is position 0, so at least 1).
-    weight_fn: ``weight_fn(*micro_batch_args)``: the weight of one micro-batch,
-      as in :func:`jaxaccum.value_and_grad`.
+    batch_argnames: keyword argument(s) of ``f`` holding batches, split like
+      ``batch_argnums``; given alone, they replace the default
+      ``batch_argnums=1``.
+    weight_fn: ``weight_fn(*micro_batch_args, **micro_batch_kwargs)``: the
+      weight of one micro-batch, as in :func:`jaxaccum.value_and_grad`.
     reduction: ``"mean"`` or ``"sum"`` over micro-batches.
-    aux_reduction: ``"mean"``, ``"sum"`` or ``"stack"``.
+    aux_reduction: ``"mean"``, ``"sum"``, ``"stack"``, ``"concat"``, or a
+      pytree of them, as in :func:`jaxaccum.value_and_grad`.
     accumulator_dtype: dtype the gradients are summed in.
     axis_name: mesh axis name(s) for use inside ``jax.shard_map`` /
       ``jax.pmap``: one reduction after the loop.
@@ -101,7 +135,9 @@ def value_and_grad(
     ``wrt`` variables (and ``(that, stats)`` with ``with_stats=True``).
 
   Raises:
-    ValueError: invalid options, e.g. ``batch_argnums`` naming the module.
+    TypeError: an option of the wrong type.
+    ValueError: an option of a wrong value, e.g. ``batch_argnums`` naming the
+      module.
 
   Example:
 
@@ -129,59 +165,30 @@ def value_and_grad(
     >>> float(train_step(model, optimizer, x, y)) < first
     True
   """
-  batch_t = _split.normalize_argnums("batch_argnums", batch_argnums)
-  if 0 in batch_t:
-    raise ValueError(f"{batch_argnums=} names the module (position 0); the batch "
-                     "arguments come after it")
-  if state_policy not in _accumulate._STATE_POLICIES:
-    raise ValueError(f"{state_policy=} must be one of {_accumulate._STATE_POLICIES}")
-  # The module's variables, in the order nnx.split returns them; the first
-  # filter that matches a variable wins.
-  filters = (wrt, nnx.BatchStat, nnx.RngKey, nnx.Param, ...)
-  axes = None if data_axis is None else _collectives.axes_of(data_axis)
-
-  @functools.wraps(f)
-  def wrapped(model, *args, **kwargs):
-    graphdef, diff, stats, keys, frozen, rest = nnx.split(model, *filters)
-    num_args = len(args)
-    if batch_t and max(batch_t) > num_args:
-      raise ValueError(f"{batch_argnums=} names an argument beyond the "
-                       f"{num_args} passed after the module")
-
-    def pure(diff, *pure_args, **pure_kwargs):
-      user_args = pure_args[:num_args]
-      stats, rest, keys, frozen = pure_args[num_args:]
-      if axes is not None:
-        keys = jax.tree.map(
-            functools.partial(_fold_in, data=lax.axis_index(
-                axes if len(axes) > 1 else axes[0])), keys)
-      # A copy, so the forward pass mutates fresh variables, not the caller's.
-      local = nnx.merge(graphdef, diff, stats, keys, frozen, rest, copy=True)
-      out = f(local, *user_args, **pure_kwargs)
-      _, _, new_stats, _, _, new_rest = nnx.split(local, *filters)
-      loss, aux = out if has_aux else (out, ())
-      return loss, (aux, (new_stats, new_rest))
-
-    state_argnums = (num_args + 1, num_args + 2)
-    vg = _accumulate.value_and_grad(
-        pure, num_microbatches=num_microbatches, microbatch_size=microbatch_size,
-        argnums=0, batch_argnums=batch_t, has_aux=True, weight_fn=weight_fn,
-        reduction=reduction, aux_reduction=aux_reduction,
-        accumulator_dtype=accumulator_dtype, axis_name=axis_name,
-        data_axis=data_axis, mesh=mesh, state_argnums=state_argnums,
-        state_policy=(state_policy, "sequential"), with_stats=with_stats,
-        skip_nonfinite=skip_nonfinite)
-    result = vg(diff, *args, stats, rest, keys, frozen, **kwargs)
-    ((loss, (aux, (new_stats, new_rest))), grads), extra = (
-        result if with_stats else (result, None))
-    nnx.update(model, new_stats, new_rest)
-    out = ((loss, aux) if has_aux else loss), grads
-    return (out, extra) if with_stats else out
-
-  return wrapped
+  return _Accumulated(f, _Spec.create(locals()), value_and_grad=True)
 
 
-def grad(f: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+def grad(
+    f: Callable[..., Any],
+    *,
+    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
+    wrt: Any = nnx.Param,
+    has_aux: bool = False,
+    num_microbatches: int | None = None,
+    microbatch_size: int | None = None,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
+    weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
+    reduction: str = "mean",
+    aux_reduction: Any = "mean",
+    accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
+    axis_name: Hashable | Sequence[Hashable] | None = None,
+    data_axis: Hashable | Sequence[Hashable] | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    state_policy: str = "sequential",
+    with_stats: bool = False,
+    skip_nonfinite: bool = False,
+) -> Callable[..., Any]:
   """Like :func:`flax.nnx.grad`, accumulated over micro-batches.
 
   Takes the options of :func:`jaxaccum.nnx.value_and_grad` and returns only
@@ -200,14 +207,117 @@ def grad(f: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     >>> grads["kernel"][...].ravel().tolist()  # d/dk mean((x k)^2) = 2 * 2 * 1
     [4.0, 4.0]
   """
-  return _accumulate.drop_value(value_and_grad(f, **options), f,
-                                has_aux=options.get("has_aux", False),
-                                with_stats=options.get("with_stats", False))
+  return _Accumulated(f, _Spec.create(locals()), value_and_grad=False)
 
 
-def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
-  """``jax.random.fold_in`` for an array of keys of any shape."""
-  # A raw uint32 key is an array of shape (..., 2), a typed key a scalar.
-  raw = not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  flat = key.reshape((-1, key.shape[-1]) if raw else (-1,))
-  return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
+class _Spec(NamedTuple):
+  """The validated options: the differentiated arguments and the core's options.
+
+  Attributes:
+    diff: ``{position: filter}`` of the differentiated NNX arguments.
+    single: whether ``argnums`` named one argument (grads not in a tuple).
+    state_policy: the policy of :class:`flax.nnx.BatchStat` variables.
+    options: the core's options for the user's positions (``argnums`` is a
+      placeholder; positions are shifted when the core function is built).
+  """
+
+  diff: dict[int, Any]
+  single: bool
+  state_policy: str
+  options: Options
+
+  @classmethod
+  def create(cls, names: dict[str, Any]) -> _Spec:
+    argnums, wrt = names["argnums"], names["wrt"]
+    single = not isinstance(argnums, Sequence)
+    entries = (argnums,) if single else tuple(argnums)
+    diff = {}
+    for entry in entries:
+      if isinstance(entry, nnx.DiffState):
+        diff[argnums_tuple("argnums", entry.argnum)[0]] = entry.filter
+      else:
+        diff[argnums_tuple("argnums", entry)[0]] = wrt
+    if not diff or len(diff) != len(entries):
+      raise ValueError(f"argnums must name distinct arguments, got {argnums=}")
+    keywords = {k: v for k, v in names.items()
+                if k not in ("f", "argnums", "wrt", "state_policy")}
+    options = Options.create(**keywords)
+    policy = names["state_policy"]
+    if not isinstance(policy, str) or policy not in STATE_POLICIES:
+      raise (ValueError if isinstance(policy, str) else TypeError)(
+          f"state_policy={policy!r} must be one of {STATE_POLICIES}")
+    named = set(options.batch_argnums) & (set(diff) | {0})
+    if named:
+      raise ValueError(
+          f"batch_argnums={options.batch_argnums} names NNX argument(s) {sorted(named)} "
+          "(the module is position 0); the batch arguments come after it")
+    return cls(diff, single, policy, options)
+
+
+class _Accumulated:
+  """The accumulated function: one core function per graph structure."""
+
+  def __init__(self, f: Callable[..., Any], spec: _Spec, *, value_and_grad: bool):
+    self.f, self.spec = f, spec
+    options = spec.options
+    layout = Layout(options.has_aux, with_stats=options.with_stats)
+    self.nest = layout.value_and_grad if value_and_grad else layout.grad
+    self.cores: dict[Any, Callable[..., Any]] = {}
+    functools.update_wrapper(self, f)
+
+  def __call__(self, *args, **kwargs):
+    options = self.spec.options
+    if options.batch_argnums and max(options.batch_argnums) >= len(args):
+      raise ValueError(f"batch_argnums={options.batch_argnums} names an argument "
+                       f"beyond the {len(args)} passed")
+    nodes = tuple(i for i, a in enumerate(args) if nnx.graph.is_graph_node(a))
+    missing = set(self.spec.diff) - set(nodes)
+    if missing:
+      raise ValueError(f"argnums names argument(s) {sorted(missing)}, which are not "
+                       "NNX objects; jaxaccum.nnx differentiates NNX objects")
+    splits = {i: nnx.split(args[i], *self._filters(i)) for i in nodes}
+    graphdefs = tuple(splits[i][0] for i in nodes)
+    key = (nodes, graphdefs, len(args))
+    if key not in self.cores:
+      self.cores[key] = self._core(nodes, graphdefs, len(args))
+    parts = {name: tuple(splits[i][k + 1] for i in nodes) for k, name in enumerate(_PARTS)}
+    plain = tuple(None if i in nodes else a for i, a in enumerate(args))
+    diff = tuple(parts["diff"][nodes.index(i)] for i in self.spec.diff)
+    outputs = self.cores[key](diff, *plain, parts["stats"], parts["rest"], parts["keys"],
+                              parts["frozen"], **kwargs)
+    new_stats, new_rest = outputs.states
+    for i, stats, rest in zip(nodes, new_stats, new_rest):
+      nnx.update(args[i], stats, rest)
+    grads = outputs.grads[0] if self.spec.single else outputs.grads
+    return self.nest(outputs._replace(grads=grads, states=()))
+
+  def _filters(self, position: int) -> tuple:
+    return (self.spec.diff.get(position, nnx.Nothing), nnx.BatchStat, nnx.RngKey,
+            nnx.Param, ...)
+
+  def _core(self, nodes: tuple[int, ...], graphdefs: tuple, num_args: int):
+    """The core accumulated function for this graph structure."""
+    f, options, diff_at = self.f, self.spec.options, tuple(self.spec.diff)
+    data_axis = options.data_axis
+
+    def pure(diff, *pure_args, **kwargs):
+      user = list(pure_args[:num_args])
+      stats, rest, keys, frozen = pure_args[num_args:]
+      if data_axis:
+        keys = _parallel.salt_keys(keys, data_axis)
+      for k, i in enumerate(nodes):
+        own = diff[diff_at.index(i)] if i in diff_at else nnx.State({})
+        # A copy, so the forward pass mutates fresh variables, not the caller's.
+        user[i] = nnx.merge(graphdefs[k], own, stats[k], keys[k], frozen[k], rest[k],
+                            copy=True)
+      out = f(*user, **kwargs)
+      new = [nnx.split(user[i], *self._filters(i)) for i in nodes]
+      loss, aux = out if options.has_aux else (out, ())
+      return loss, (aux, (tuple(s[2] for s in new), tuple(s[5] for s in new)))
+
+    core_options = dataclasses.replace(
+        options, argnums=(0,), argnums_is_int=True, has_aux=True,
+        batch_argnums=tuple(i + 1 for i in options.batch_argnums),
+        state_argnums=(num_args + 1, num_args + 2), state_is_tuple=True,
+        state_policies=(self.spec.state_policy, "sequential"))
+    return _accumulate.build(pure, core_options)

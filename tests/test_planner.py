@@ -130,9 +130,11 @@ def test_default_budget_is_the_device_bytes_limit(monkeypatch):
   assert plan.num_microbatches == 4
 
 
-@pytest.mark.parametrize("budget", [0, -5, "1GB", True])
-def test_invalid_budget(budget):
-  with pytest.raises(ValueError, match="memory_budget must be a positive number"):
+@pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError),
+                                           (float("inf"), ValueError),
+                                           ("1GB", TypeError), (True, TypeError)])
+def test_invalid_budget(budget, error):
+  with pytest.raises(error, match="memory_budget must be a positive number"):
     _plan(budget)
 
 
@@ -221,8 +223,9 @@ def test_plan_step_bisects_and_calls_make_step_per_compiled_count():
   assert list(plan.estimates) == [2, 4] and plan.estimates[4] == budget
 
 
-@pytest.mark.parametrize("batch_size", [0, 2.5, None])
-def test_plan_step_invalid_batch_size(batch_size):
-  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (2.5, TypeError),
+                                               (None, TypeError)])
+def test_plan_step_invalid_batch_size(batch_size, error):
+  with pytest.raises(error, match="batch_size must be a positive int"):
     jaxaccum.plan_step(lambda n: (lambda x: jnp.sum(x)), jnp.ones(4),
                        batch_size=batch_size, memory_budget=BIG)

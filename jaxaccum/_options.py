@@ -1,0 +1,247 @@
+"""The options of an accumulated function: one frozen object, validated once.
+
+:func:`jaxaccum.value_and_grad`, :func:`jaxaccum.grad`, :mod:`jaxaccum.nnx`
+and the planner build an :class:`Options` from their keyword arguments; every
+check of a static option lives here, as jax checks its own arguments: a wrong
+type is a ``TypeError``, a wrong value a ``ValueError``, each naming the
+option, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccum import _dtypes
+
+REDUCTIONS = ("mean", "sum")
+AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
+STATE_POLICIES = ("sequential", "mean")
+
+
+def index(name: str, value: Any) -> int:
+  """``value`` as an int, checked the way jax checks integers."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be an int, got {name}={value!r}")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(f"{name} must be an int, got {name}={value!r}") from None
+
+
+def positive(name: str, value: Any) -> int | None:
+  """An optional int option that must be at least 1."""
+  if value is None:
+    return None
+  n = index(name, value)
+  if n < 1:
+    raise ValueError(f"{name} must be >= 1, got {name}={value!r}")
+  return n
+
+
+def argnums_tuple(name: str, argnums: Any, *, allow_empty: bool = True) -> tuple[int, ...]:
+  """``argnums`` (an int or a sequence of ints) as a tuple of distinct ints >= 0."""
+  if isinstance(argnums, (Sequence, np.ndarray)) and not isinstance(argnums, str):
+    nums = tuple(index(name, a) for a in argnums)
+  else:
+    try:
+      nums = (index(name, argnums),)
+    except TypeError:
+      raise TypeError(
+          f"{name} must be an int or a tuple of ints, got {name}={argnums!r}") from None
+  if any(n < 0 for n in nums):
+    raise ValueError(f"{name} must be non-negative, got {name}={argnums!r}")
+  if len(set(nums)) != len(nums):
+    raise ValueError(f"{name} has repeated entries: {name}={argnums!r}")
+  if not nums and not allow_empty:
+    raise ValueError(f"{name} must name at least one argument, got {name}={argnums!r}")
+  return nums
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+  names = (value,) if isinstance(value, str) else value
+  if not isinstance(names, Sequence) or not all(isinstance(v, str) for v in names):
+    raise TypeError(f"{name} must be a str or a tuple of str, got {name}={value!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"{name} has repeated entries: {name}={value!r}")
+  return tuple(names)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+  if not isinstance(value, str):
+    raise TypeError(f"{name} must be one of {choices}, got {name}={value!r}")
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} must be one of {choices}")
+  return value
+
+
+def _callable(name: str, value: Any) -> Any:
+  if value is not None and not callable(value):
+    raise TypeError(f"{name} must be callable or None, got {name}={value!r}")
+  return value
+
+
+def axes_of(name: str, value: Any) -> tuple[Hashable, ...]:
+  """A mesh axis option as a tuple of axis names (empty for ``None``)."""
+  if value is None:
+    return ()
+  axes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  for a in axes:
+    if not isinstance(a, Hashable):
+      raise TypeError(f"{name} must be an axis name or a tuple of them, got {name}={value!r}")
+  if not axes:
+    raise ValueError(f"{name} must name at least one axis, got {name}={value!r}")
+  return axes
+
+
+def _aux_reduction(value: Any) -> Any:
+  """A reduction name, or a pytree of them (a prefix of the aux)."""
+  if isinstance(value, str):
+    return _choice("aux_reduction", value, AUX_REDUCTIONS)
+  leaves = jax.tree.leaves(value)
+  if not leaves:
+    raise ValueError(f"aux_reduction={value!r} holds no reduction; use one of {AUX_REDUCTIONS}")
+  for leaf in leaves:
+    if not isinstance(leaf, str) or leaf not in AUX_REDUCTIONS:
+      raise ValueError(
+          f"aux_reduction={value!r} holds {leaf!r}; each entry must be one of "
+          f"{AUX_REDUCTIONS}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The validated static options of one accumulated function.
+
+  Built with :meth:`create` from the public keyword arguments of
+  :func:`jaxaccum.value_and_grad`; see there for what each one means.
+  """
+
+  num_microbatches: int | None
+  microbatch_size: int | None
+  argnums: tuple[int, ...]
+  argnums_is_int: bool
+  batch_argnums: tuple[int, ...]
+  batch_argnames: tuple[str, ...]
+  has_aux: bool
+  weight_fn: Callable[..., Any] | None
+  reduction: str
+  aux_reduction: Any
+  accumulator_dtype: Any
+  rng_argnums: tuple[int, ...]
+  axis_name: tuple[Hashable, ...]
+  data_axis: tuple[Hashable, ...]
+  mesh: Any
+  state_argnums: tuple[int, ...]
+  state_is_tuple: bool
+  state_policies: tuple[str, ...]
+  with_stats: bool
+  skip_nonfinite: bool
+
+  @classmethod
+  def create(
+      cls, *, num_microbatches: Any = None, microbatch_size: Any = None,
+      argnums: Any = 0, batch_argnums: Any = None, batch_argnames: Any = (),
+      has_aux: Any = False, weight_fn: Any = None, reduction: Any = "mean",
+      aux_reduction: Any = "mean", accumulator_dtype: Any = jnp.float32,
+      rng_argnums: Any = (), axis_name: Any = None, data_axis: Any = None,
+      mesh: Any = None, state_argnums: Any = (), state_policy: Any = None,
+      with_stats: Any = False, skip_nonfinite: Any = False,
+  ) -> Options:
+    """Validates the public keyword arguments; raises TypeError / ValueError."""
+    if (num_microbatches is None) == (microbatch_size is None):
+      raise ValueError(
+          "exactly one of num_microbatches and microbatch_size must be given, got "
+          f"{num_microbatches=} and {microbatch_size=}")
+    names = _names("batch_argnames", batch_argnames)
+    if batch_argnums is None:
+      # batch_argnames alone replaces the default batch argument.
+      batch_argnums = () if names else 1
+    batch_t = argnums_tuple("batch_argnums", batch_argnums)
+    if not batch_t and not names:
+      raise ValueError(
+          f"batch_argnums and batch_argnames name no argument ({batch_argnums=}, "
+          f"{batch_argnames=}); name the batch argument(s) to split")
+    argnums_t = argnums_tuple("argnums", argnums, allow_empty=False)
+    rng_t = argnums_tuple("rng_argnums", rng_argnums)
+    state_t = argnums_tuple("state_argnums", state_argnums)
+    _check_disjoint(batch_argnums=(batch_t, batch_argnums), argnums=(argnums_t, argnums),
+                    rng_argnums=(rng_t, rng_argnums), state_argnums=(state_t, state_argnums))
+    for name, value in (("has_aux", has_aux), ("with_stats", with_stats),
+                        ("skip_nonfinite", skip_nonfinite)):
+      if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+    axis_t, data_t = axes_of("axis_name", axis_name), axes_of("data_axis", data_axis)
+    if axis_t and data_t:
+      raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}")
+    if mesh is not None and not data_t:
+      raise ValueError("mesh= is only used with data_axis=; pass data_axis= too")
+    return cls(
+        num_microbatches=positive("num_microbatches", num_microbatches),
+        microbatch_size=positive("microbatch_size", microbatch_size),
+        argnums=argnums_t, argnums_is_int=not isinstance(argnums, (Sequence, np.ndarray)),
+        batch_argnums=batch_t, batch_argnames=names, has_aux=bool(has_aux),
+        weight_fn=_callable("weight_fn", weight_fn),
+        reduction=_choice("reduction", reduction, REDUCTIONS),
+        aux_reduction=_aux_reduction(aux_reduction),
+        accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
+        rng_argnums=rng_t, axis_name=axis_t, data_axis=data_t, mesh=mesh,
+        state_argnums=state_t,
+        state_is_tuple=isinstance(state_argnums, (Sequence, np.ndarray)),
+        state_policies=_state_policies(state_policy, state_t),
+        with_stats=bool(with_stats), skip_nonfinite=bool(skip_nonfinite),
+    )
+
+  @property
+  def weighted(self) -> bool:
+    """Whether micro-batches carry weights (``weight_fn`` or skipping)."""
+    return self.weight_fn is not None or self.skip_nonfinite
+
+  @property
+  def positions(self) -> tuple[int, ...]:
+    """Every positional argument an option names."""
+    return self.argnums + self.batch_argnums + self.rng_argnums + self.state_argnums
+
+  def describe_positions(self) -> str:
+    """The positional options, for messages (one position shown as an int)."""
+    shown = {name: nums[0] if len(nums) == 1 else nums for name, nums in (
+        ("argnums", self.argnums), ("batch_argnums", self.batch_argnums),
+        ("rng_argnums", self.rng_argnums), ("state_argnums", self.state_argnums))}
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+def _check_disjoint(**groups: tuple[tuple[int, ...], Any]) -> None:
+  """Each group is ``(positions, the value as given)``."""
+  items = list(groups.items())
+  for i, (a, (nums_a, given_a)) in enumerate(items):
+    for b, (nums_b, given_b) in items[i + 1:]:
+      if set(nums_a) & set(nums_b):
+        raise ValueError(f"{a} and {b} overlap: {a}={given_a!r}, {b}={given_b!r}; "
+                         "each argument plays one role")
+
+
+def _state_policies(state_policy: Any, state_t: tuple[int, ...]) -> tuple[str, ...]:
+  if state_policy is None:
+    return ("sequential",) * len(state_t)
+  if not state_t:
+    raise ValueError(
+        f"{state_policy=} is given without state_argnums; name the state "
+        "argument(s) with state_argnums=")
+  if isinstance(state_policy, str):
+    return (_choice("state_policy", state_policy, STATE_POLICIES),) * len(state_t)
+  if not isinstance(state_policy, Sequence):
+    raise TypeError(
+        f"state_policy must be one of {STATE_POLICIES} or a tuple of them, got "
+        f"{state_policy=}")
+  policies = tuple(_choice("state_policy", p, STATE_POLICIES) for p in state_policy)
+  if len(policies) != len(state_t):
+    raise ValueError(
+        f"{state_policy=} must be one of {STATE_POLICIES}, or one of them per "
+        f"entry of state_argnums={state_t}")
+  return policies
