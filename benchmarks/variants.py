@@ -105,15 +105,20 @@ def _scan_value_and_grad(loss, n):
   return fn
 
 
-def _in_step(vg, params, opt_state, batch, tx) -> Variant:
-  """A variant whose whole step is one jitted call."""
+def _train_step(vg, tx):
+  """Jitted ``(params, opt_state, batch) -> (params, opt_state, value)``, donating the state."""
 
   def step_fn(params, opt_state, batch):
     value, grads = vg(params, batch)
     params, opt_state = _apply(tx, grads, opt_state, params)
     return params, opt_state, value
 
-  fn = jax.jit(step_fn, donate_argnums=(0, 1))
+  return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def _in_step(vg, params, opt_state, batch, tx) -> Variant:
+  """A variant whose whole step is one jitted call."""
+  fn = _train_step(vg, tx)
 
   def step(compiled, state):
     params, opt_state = state
@@ -127,14 +132,7 @@ def _in_step(vg, params, opt_state, batch, tx) -> Variant:
 def _across_steps(loss, tx, params, batch, n) -> Variant:
   """``n`` jit calls, one micro-batch each, of grad + a multi-step transform."""
   micro = _split(batch, n)
-  vg = jax.value_and_grad(loss)
-
-  def step_fn(params, opt_state, mb):
-    value, grads = vg(params, mb)
-    params, opt_state = _apply(tx, grads, opt_state, params)
-    return params, opt_state, value
-
-  fn = jax.jit(step_fn, donate_argnums=(0, 1))
+  fn = _train_step(jax.value_and_grad(loss), tx)
   opt_state = tx.init(params)
 
   def step(compiled, state):
@@ -236,12 +234,3 @@ def build(name: str, config: gpt.Config, n: int) -> Variant:
                    (params, opt_state), step, lambda state: (state, grads))
   raise ValueError(f"unknown variant {name=}; known: {STEP_VARIANTS + ('pass', 'update')}")
 
-
-def step_memory(name: str, config: gpt.Config, n: int) -> jax.stages.CompiledMemoryStats:
-  """``memory_analysis()`` of the compiled step of an in-step variant.
-
-  Compiles only (nothing runs); used by the memory test.
-  """
-  variant = build(name, config, n)
-  (program,) = variant.programs
-  return program.fn.lower(*program.args).compile().memory_analysis()

@@ -2,23 +2,24 @@
 
 Reads the optimized HLO text of a compiled function (what XLA will run, after
 sharding propagation, SPMD partitioning and collective combining) and counts
-the collectives of each kind by where they sit: in the body or condition of a
-``while`` loop (run once per iteration, i.e. once per micro-batch for a
-``lax.scan``), or outside every loop (run once per call). A computation
-counts as inside a loop when it is reachable from a ``while`` through any
-chain of calls (``body=``, ``condition=``, ``calls=``, ``to_apply=``,
-conditional branches, ...), so a collective nested in a fusion, a call or a
-conditional inside the loop is found too.
+the collectives of each kind, and the bytes they handle, by where they sit:
+in the body or condition of a ``while`` loop (run once per iteration, i.e.
+once per micro-batch for a ``lax.scan``), or outside every loop (run once per
+call). A computation counts as inside a loop when it is reachable from a
+``while`` through any chain of calls (``body=``, ``condition=``, ``calls=``,
+``to_apply=``, conditional branches, ...), so a collective nested in a
+fusion, a call or a conditional inside the loop is found too.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+
+from jaxaccum import _hlo_text
 
 # HLO opcode -> field of CollectivesByKind. An asynchronous collective is a
 # ``*-start`` / ``*-done`` pair; only the start is counted.
@@ -33,20 +34,16 @@ _KINDS = {
     "collective-permute": "collective_permute",
     "collective-permute-start": "collective_permute",
 }
-_LOOP_ATTRS = ("body", "condition")
-_BRANCH_ATTRS = ("branch_computations", "true_computation", "false_computation")
-_CALL_ATTRS = ("calls", "to_apply", "called_computations")
-_ATTR_RE = re.compile(
-    r"\b(" + "|".join(_LOOP_ATTRS + _BRANCH_ATTRS + _CALL_ATTRS)
-    + r")=(\{[^}]*\}|%?[\w.\-]+)")
-_NAME_RE = re.compile(r"%?([\w.\-]+)")
-_HEADER_RE = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)")
-_INSTRUCTION_RE = re.compile(r"^\s+(?:ROOT\s+)?%?[^\s=]+\s*=\s*(.*)$")
-_OPCODE_RE = re.compile(r"\s*([\w\-]+)\(")
+# Asynchronous starts whose result is a tuple (operands, results, ...).
+_TUPLE_STARTS = ("all-gather-start", "collective-permute-start")
 
 
 class CollectivesByKind(NamedTuple):
-  """Numbers of collective operations in a compiled program, by kind.
+  """Collective operations of a compiled program, by kind: numbers or bytes.
+
+  In :class:`jaxaccum.CollectiveCounts` each field is a number of
+  operations; in its ``bytes`` each field is the bytes those operations
+  handle on one device (see :func:`jaxaccum.count_collectives`).
 
   Attributes:
     all_reduce: ``all-reduce`` (and asynchronous ``all-reduce-start``) ops:
@@ -75,7 +72,7 @@ class CollectivesByKind(NamedTuple):
 
   @property
   def total(self) -> int:
-    """All collectives, of every kind."""
+    """All collectives (or their bytes), of every kind."""
     return sum(self)
 
   @property
@@ -89,8 +86,14 @@ class CollectivesByKind(NamedTuple):
     return f"{type(self).__name__}({fields})"
 
 
-class CollectiveCounts(NamedTuple):
-  """Where the collectives of a compiled function sit.
+class _Placement(NamedTuple):
+  inside_loops: CollectivesByKind
+  outside_loops: CollectivesByKind
+  in_conditionals: CollectivesByKind
+
+
+class CollectiveCounts(_Placement):
+  """Where the collectives of a compiled function sit, and their bytes.
 
   ``inside_loops`` and ``outside_loops`` split every collective of the
   program in two; ``in_conditionals`` counts again those of either that run
@@ -104,23 +107,43 @@ class CollectiveCounts(NamedTuple):
       per call.
     in_conditionals: collectives, inside or outside loops, that sit in a
       branch of a conditional and so run only when that branch is taken.
+    bytes: the same split in bytes, a ``CollectiveCounts`` whose fields hold
+      the bytes the collectives handle on one device (each counted once, like
+      the operations); ``None`` for counts built by hand. Not one of the
+      tuple's fields: equality, unpacking and ``jax.tree`` functions see the
+      three counts only.
 
   Example:
 
     >>> import jax, jaxaccum
     >>> f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
-    >>> counts = jaxaccum.count_collectives(f, jax.numpy.ones((8, 2)))
+    >>> counts = jaxaccum.count_collectives(f, jax.numpy.ones((8, 256)))
     >>> counts
     CollectiveCounts(inside_loops=CollectivesByKind(),
                      outside_loops=CollectivesByKind(all_reduce=1),
                      in_conditionals=CollectivesByKind())
     >>> counts.total.all_reduce
     1
+
+    Each device all-reduces its 256 float32 values, 1 KiB:
+
+    >>> counts.bytes.outside_loops
+    CollectivesByKind(all_reduce=1024)
+    >>> counts.bytes.inside_loops.total
+    0
   """
 
-  inside_loops: CollectivesByKind
-  outside_loops: CollectivesByKind
-  in_conditionals: CollectivesByKind
+  def __new__(cls, inside_loops: CollectivesByKind, outside_loops: CollectivesByKind,
+              in_conditionals: CollectivesByKind, bytes: CollectiveCounts | None = None):
+    self = super().__new__(cls, inside_loops, outside_loops, in_conditionals)
+    self.__dict__["_bytes"] = bytes
+    return self
+
+  @property
+  def bytes(self) -> CollectiveCounts | None:
+    """The bytes of the collectives, split as the counts are."""
+    # Absent on a copy made by _replace or jax.tree.map: its counts may differ.
+    return self.__dict__.get("_bytes")
 
   @property
   def total(self) -> CollectivesByKind:
@@ -131,13 +154,25 @@ class CollectiveCounts(NamedTuple):
 
 def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.Compiled | str,
                       *args: Any, **kwargs: Any) -> CollectiveCounts:
-  """Counts a compiled function's collectives inside and outside while loops.
+  """Counts a compiled function's collectives, and their bytes, by placement.
 
   Compiles ``fn`` for ``args`` (``fn.lower(*args, **kwargs).compile()``, the
   same as the first call would) and reads the optimized HLO, so what is
   counted is what XLA will run, after sharding propagation and the combining
   of collectives, for the devices and shardings ``args`` have. Nothing is
   executed.
+
+  Bytes are read from the HLO shapes, per device: each collective counts the
+  full data it reduces, gathers or sends on one device, the larger of its
+  input and output buffers. An all-reduce counts its result (the reduced
+  data), an all-gather its result (the gathered data), a reduce-scatter its
+  operand (the data reduced, ``n`` times its result over ``n`` devices), an
+  all-to-all or collective-permute its result. A tuple (combined) collective
+  counts all its arrays; an asynchronous ``*-start`` counts the data it
+  produces once. A ring algorithm sends about ``(n - 1) / n`` of these bytes
+  per device (twice that for an all-reduce). Bytes count operations in the
+  program, not executions, like the counts: a collective inside a loop runs
+  once per iteration.
 
   Args:
     fn: a ``jax.jit`` or ``jax.pmap`` function (any other callable is wrapped
@@ -152,11 +187,15 @@ def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.C
     A :class:`jaxaccum.CollectiveCounts`: for ``inside_loops``,
     ``outside_loops`` and ``in_conditionals``, a
     :class:`jaxaccum.CollectivesByKind` of all-reduces, reduce-scatters,
-    all-gathers, all-to-alls and collective-permutes.
+    all-gathers, all-to-alls and collective-permutes; its ``bytes``, the
+    same in bytes.
 
   Raises:
-    ValueError: ``args`` given with a ``Lowered``, ``Compiled`` or HLO text,
-      or HLO text that holds no computation.
+    TypeError: ``fn`` is none of the above.
+    ValueError: ``args`` given with a ``Lowered``, ``Compiled`` or HLO text;
+      or text that is not optimized HLO (empty, StableHLO from
+      ``lowered.as_text()``, anything not starting with ``HloModule``) or
+      holds no ``ENTRY`` computation.
 
   Example:
 
@@ -171,12 +210,15 @@ def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.C
     >>> counts = jaxaccum.count_collectives(jax.jit(step), w, x)
     >>> counts.inside_loops.total, counts.outside_loops.all_reduce
     (0, 1)
+    >>> counts.bytes.outside_loops.all_reduce  # the (4, 2) float32 gradient
+    32
 
     Without ``data_axis``, XLA reduces the gradient in every micro-step:
 
     >>> naive = jax.jit(jaxaccum.grad(loss, num_microbatches=4))
-    >>> jaxaccum.count_collectives(naive, w, x).inside_loops.all_reduce
-    1
+    >>> naive_counts = jaxaccum.count_collectives(naive, w, x)
+    >>> naive_counts.inside_loops.all_reduce, naive_counts.bytes.inside_loops.all_reduce
+    (1, 32)
   """
   if isinstance(fn, (str, jax.stages.Lowered, jax.stages.Compiled)) and (args or kwargs):
     raise ValueError(
@@ -185,100 +227,71 @@ def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.C
         "keyword arguments")
   if isinstance(fn, str):
     text = fn
-  else:
-    if isinstance(fn, jax.stages.Lowered):
-      fn = fn.compile()
-    elif not isinstance(fn, jax.stages.Compiled):
-      fn = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs).compile()
+  elif isinstance(fn, jax.stages.Lowered):
+    text = fn.compile().as_text()
+  elif isinstance(fn, jax.stages.Compiled):
     text = fn.as_text()
-  return _count(text)
+  elif callable(fn):
+    text = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs).compile().as_text()
+  else:
+    raise TypeError(
+        f"count_collectives takes a function, a Lowered, a Compiled or optimized "
+        f"HLO text, got {fn!r} of type {type(fn).__name__}")
+  return _count(_hlo_text.parse(text))
 
 
-def _count(text: str) -> CollectiveCounts:
-  """Counts the collectives of optimized HLO text by where they sit."""
-  computations, entry = _parse(text)
-  if not computations:
-    raise ValueError("the HLO text holds no computation (pass the optimized HLO: "
-                     "jax.jit(f).lower(*args).compile().as_text())")
-  # Each computation is reached with some of the flags (in a loop, in a
-  # branch); propagate every combination along the call edges.
-  called = {callee for comp in computations.values() for callee, _ in comp[1]}
-  roots = [entry] if entry is not None else [c for c in computations if c not in called]
+def _count(module: _hlo_text.Module) -> CollectiveCounts:
+  """Counts a module's collectives, and their bytes, by where they sit."""
+  # Per placement (inside loops, outside loops, in conditionals) and kind.
+  numbers = [collections.Counter() for _ in CollectiveCounts._fields]
+  sizes = [collections.Counter() for _ in CollectiveCounts._fields]
+  for name, reached in _placements(module).items():
+    # A computation reached both ways is counted where it is costlier.
+    in_loop = any(loop for loop, _ in reached)
+    in_branch = any(branch for _, branch in reached)
+    places = [0 if in_loop else 1] + ([2] if in_branch else [])
+    instructions = module.computations[name]
+    for ins in instructions:
+      if ins.opcode in _KINDS:
+        size = _data_bytes(ins, instructions)
+        for place in places:
+          numbers[place][_KINDS[ins.opcode]] += 1
+          sizes[place][_KINDS[ins.opcode]] += size
+  return CollectiveCounts(*(CollectivesByKind(**c) for c in numbers),
+                          bytes=CollectiveCounts(*(CollectivesByKind(**c) for c in sizes)))
+
+
+def _placements(module: _hlo_text.Module) -> dict[str, set[tuple[bool, bool]]]:
+  """``{computation: {(in a loop, in a branch)}}`` for those the entry reaches."""
+  # Each computation is reached with some of the flags; propagate every
+  # combination along the call edges.
   reached = collections.defaultdict(set)
-  stack = [(root, False, False) for root in roots]
+  stack = [(module.entry, False, False)]
   while stack:
     name, in_loop, in_branch = stack.pop()
-    if name not in computations or (in_loop, in_branch) in reached[name]:
+    if name not in module.computations or (in_loop, in_branch) in reached[name]:
       continue
     reached[name].add((in_loop, in_branch))
-    for callee, edge in computations[name][1]:
-      stack.append((callee, in_loop or edge == "loop", in_branch or edge == "branch"))
-
-  inside = collections.Counter()
-  outside = collections.Counter()
-  branches = collections.Counter()
-  for name, flags in reached.items():
-    for kind in computations[name][0]:
-      # A computation reached both ways is counted where it is costlier.
-      (inside if any(loop for loop, _ in flags) else outside)[kind] += 1
-      if any(branch for _, branch in flags):
-        branches[kind] += 1
-  return CollectiveCounts(
-      inside_loops=CollectivesByKind(**inside),
-      outside_loops=CollectivesByKind(**outside),
-      in_conditionals=CollectivesByKind(**branches))
+    for ins in module.computations[name]:
+      for attr, callee in ins.calls:
+        stack.append((callee, in_loop or attr in _hlo_text.LOOP_ATTRS,
+                      in_branch or attr in _hlo_text.BRANCH_ATTRS))
+  return reached
 
 
-def _parse(text: str) -> tuple[dict[str, tuple[list[str], list[tuple[str, str]]]], str | None]:
-  """Each computation's collectives and call edges, and the entry's name.
-
-  Returns ``({name: (collective kinds, [(callee, edge)])}, entry)`` where
-  ``edge`` is ``"loop"``, ``"branch"`` or ``"call"``.
-  """
-  computations = {}
-  entry = None
-  current = None
-  for line in text.splitlines():
-    if not line.strip():
-      continue
-    if not line[0].isspace():
-      if line.rstrip().endswith("{") and not line.startswith("HloModule"):
-        header = _HEADER_RE.match(line)
-        current = ([], [])
-        computations[header.group(2)] = current
-        if header.group(1):
-          entry = header.group(2)
-      elif line.startswith("}"):
-        current = None
-      continue
-    if current is None:
-      continue
-    instruction = _INSTRUCTION_RE.match(line)
-    if instruction is None:
-      continue
-    rest = instruction.group(1)
-    opcode = _OPCODE_RE.match(rest, _skip_shape(rest))
-    if opcode is not None and opcode.group(1) in _KINDS:
-      current[0].append(_KINDS[opcode.group(1)])
-    for attr, value in _ATTR_RE.findall(rest):
-      edge = ("loop" if attr in _LOOP_ATTRS else
-              "branch" if attr in _BRANCH_ATTRS else "call")
-      current[1].extend((callee, edge) for callee in _NAME_RE.findall(value))
-  return computations, entry
-
-
-def _skip_shape(rest: str) -> int:
-  """Index just past the result shape that starts ``rest``.
-
-  A shape is one token (``f32[2,16]{1,0}``) or a parenthesized tuple of them,
-  possibly with spaces and ``/*index=5*/`` comments inside.
-  """
-  depth = 0
-  for i, char in enumerate(rest):
-    if char in "([{":
-      depth += 1
-    elif char in ")]}":
-      depth -= 1
-    elif char.isspace() and depth == 0:
-      return i
-  return len(rest)
+def _data_bytes(ins: _hlo_text.Instruction, computation: list[_hlo_text.Instruction]) -> int:
+  """Bytes of the data collective ``ins`` reduces, gathers or sends, per device."""
+  if ins.opcode == "reduce-scatter":
+    # The data reduced, before it is scattered; operands are printed with
+    # their shapes or must be looked up.
+    defined = {other.name: other.shape for other in computation}
+    try:
+      return sum(_hlo_text.shape_bytes(shape or defined[name])
+                 for name, shape in zip(ins.operands, ins.operand_shapes))
+    except KeyError as e:
+      raise ValueError(f"operand {e} of {ins.name} is not defined in its computation") from None
+  shape = ins.shape
+  if ins.opcode in _TUPLE_STARTS:
+    elements = _hlo_text.tuple_elements(shape)
+    shape = elements[1] if len(elements) > 1 else elements[0]
+  return _hlo_text.shape_bytes(shape)

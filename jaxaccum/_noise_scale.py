@@ -79,14 +79,20 @@ def noise_scale_ema(decay: float = 0.99) -> NoiseScaleSmoother:
   leave the state unchanged. ``init`` and ``update`` are jittable.
 
   Args:
-    decay: weight of the past, in ``[0, 1)``; ``0`` keeps only the last
-      step. About ``1 / (1 - decay)`` recent steps dominate the average.
+    decay: weight of the past, in ``[0, 1)`` and below 1 in float32 (at most
+      ``1 - 2**-24``); ``0`` keeps only the last step. About
+      ``1 / (1 - decay)`` recent steps dominate the average.
 
   Returns:
     A :class:`jaxaccum.NoiseScaleSmoother` ``(init, update)``.
 
   Raises:
-    ValueError: ``decay`` outside ``[0, 1)``.
+    TypeError: ``decay`` is not a real number (a ``bool``, a string,
+      ``None``); later, ``update`` given a ``state`` or ``stats`` without the
+      fields of a :class:`jaxaccum.NoiseScaleState` or
+      :class:`jaxaccum.AccumulationStats`, or non-numeric estimates.
+    ValueError: ``decay`` outside ``[0, 1)``, or so close to 1 that it rounds
+      to 1.0 in float32, the dtype of the averages (above ``1 - 2**-24``).
 
   Example:
 
@@ -106,18 +112,23 @@ def noise_scale_ema(decay: float = 0.99) -> NoiseScaleSmoother:
     >>> int(state.count), bool(jnp.isfinite(b_simple))
     (5, True)
   """
-  if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)) \
-      or not 0 <= decay < 1:
-    raise ValueError(f"decay must be a number in [0, 1), got {decay=!r}")
-  decay_f = float(decay)
+  decay_f = _check_decay(decay)
 
   def init() -> NoiseScaleState:
     zero = jnp.zeros([], jnp.float32)
     return NoiseScaleState(count=jnp.zeros([], jnp.int32), sq_norm=zero, trace=zero)
 
   def update(state: NoiseScaleState, stats: Any) -> tuple[jax.Array, NoiseScaleState]:
-    sq_norm = jnp.asarray(stats.sq_norm_estimate, jnp.float32)
-    trace = jnp.asarray(stats.trace_estimate, jnp.float32)
+    if not isinstance(state, NoiseScaleState):
+      raise TypeError(f"state must be the NoiseScaleState from init() or the previous "
+                      f"update, got {type(state).__name__}")
+    missing = [f for f in ("sq_norm_estimate", "trace_estimate") if not hasattr(stats, f)]
+    if missing:
+      raise TypeError(
+          f"stats has no {', '.join(missing)}: got {type(stats).__name__}; pass the "
+          "AccumulationStats of value_and_grad(..., with_stats=True)")
+    sq_norm = _estimate(stats.sq_norm_estimate, "sq_norm_estimate")
+    trace = _estimate(stats.trace_estimate, "trace_estimate")
     finite = jnp.logical_and(jnp.isfinite(sq_norm), jnp.isfinite(trace))
     count = state.count + finite.astype(jnp.int32)
     # The bias-corrected average moves towards x by (1 - d) / (1 - d^t): 1 at
@@ -134,3 +145,31 @@ def noise_scale_ema(decay: float = 0.99) -> NoiseScaleSmoother:
     return new.trace / new.sq_norm, new
 
   return NoiseScaleSmoother(init=init, update=update)
+
+
+# The averages are float32: a decay that rounds to 1.0 there makes the
+# bias-correction step 0 / 0.
+_LARGEST_DECAY = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+def _check_decay(decay: Any) -> float:
+  """``decay`` as a float, checked to lie in ``[0, 1)`` in float32 too."""
+  if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)):
+    raise TypeError(
+        f"decay must be a number in [0, 1), got {decay=!r} of type {type(decay).__name__}")
+  if not 0 <= decay < 1:
+    raise ValueError(f"decay must be a number in [0, 1), got {decay=!r}")
+  if np.float32(decay) >= 1:
+    raise ValueError(
+        f"{decay=!r} rounds to 1.0 in float32, the dtype the averages are kept "
+        f"in, and would make them NaN; pass a decay of at most {_LARGEST_DECAY!r} "
+        "(1 - 2**-24)")
+  return float(decay)
+
+
+def _estimate(value: Any, name: str) -> jax.Array:
+  """An estimate as a float32 scalar; a non-numeric one is a TypeError."""
+  dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"stats.{name} must be a real number or array, got {value!r}")
+  return jnp.asarray(value, jnp.float32)

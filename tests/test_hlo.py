@@ -1,10 +1,11 @@
-"""``jaxaccum.count_collectives``: which collectives a compiled step runs, and where.
+"""``jaxaccum.count_collectives``: which collectives a compiled step runs, where, and their bytes.
 
 Hand-written steps with a known placement (a ``psum`` in a scan body versus
 after the scan, in a ``cond`` inside or outside a loop, each collective kind)
-compiled on 8 CPU devices, and hand-written HLO text for what the CPU
-compiler never emits (asynchronous start/done pairs, ``async-start``
-wrappers, ``true_computation=``) and for the parser's edge cases.
+and known sizes, compiled on 8 CPU devices, and hand-written HLO text for
+what the CPU compiler never emits (asynchronous start/done pairs,
+``async-start`` wrappers, ``true_computation=``, other element types) and for
+the parser's edge cases; text that is not optimized HLO is an error.
 """
 
 import jax
@@ -277,3 +278,178 @@ ENTRY %main (x: f32[2]) -> f32[2] {
   assert counts.in_conditionals == counts.inside_loops
   assert counts.outside_loops == NONE
 
+
+
+# Bytes: per device, the data each collective reduces, gathers or sends.
+
+WIDE = jax.device_put(jnp.ones((64, 256), jnp.float32), NamedSharding(MESH, P("x")))
+SHARD_BYTES = 8 * 256 * 4  # one device's (8, 256) float32 rows of WIDE
+
+
+@pytest.mark.parametrize("kind, f, expected", [
+    ("all_reduce", lambda a: lax.psum(a, "x"), SHARD_BYTES),
+    ("all_reduce", lambda a: lax.psum(a.astype(jnp.int32), "x"), SHARD_BYTES),
+    ("all_gather", lambda a: lax.all_gather(a, "x", tiled=True), 8 * SHARD_BYTES),
+    # The data reduced, not the (1, 256) result each device keeps.
+    ("reduce_scatter", lambda a: lax.psum_scatter(a, "x", scatter_dimension=0, tiled=True),
+     SHARD_BYTES),
+    ("all_to_all", lambda a: lax.all_to_all(a, "x", 0, 0, tiled=True), SHARD_BYTES),
+    ("collective_permute",
+     lambda a: lax.ppermute(a, "x", [(i, (i + 1) % 8) for i in range(8)]), SHARD_BYTES),
+])
+def test_bytes_of_each_kind(kind, f, expected):
+  counts = jaxaccum.count_collectives(_per_device(f), WIDE)
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(**{kind: expected})
+  assert counts.bytes.inside_loops == NONE
+  assert counts.bytes.total.total == expected
+
+
+def test_bytes_inside_and_outside_loops():
+  # Per micro-step a (256,) row is reduced; after the loop the (2, 256) sum.
+  def f(a):
+    summed = _scan_rows(lambda c, r: c + lax.psum(r, "x"))(a)
+    return lax.psum(jnp.stack([summed, summed * 2.0]), "x")
+
+  counts = jaxaccum.count_collectives(_per_device(f), WIDE)
+  assert counts.inside_loops == counts.outside_loops == jaxaccum.CollectivesByKind(all_reduce=1)
+  assert counts.bytes.inside_loops == jaxaccum.CollectivesByKind(all_reduce=256 * 4)
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(all_reduce=2 * 256 * 4)
+  assert counts.bytes.in_conditionals == NONE
+
+
+def test_bytes_in_a_conditional():
+  step = _per_device(lambda a: lax.cond(a[0, 0] > 3.0, lambda: lax.psum(a, "x"), lambda: a))
+  counts = jaxaccum.count_collectives(step, WIDE)
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(all_reduce=SHARD_BYTES)
+  assert counts.bytes.in_conditionals == counts.bytes.outside_loops
+
+
+def test_bytes_under_pmap():
+  f = jax.pmap(lambda a: lax.psum(a, "i"), axis_name="i")
+  counts = jaxaccum.count_collectives(f, jnp.ones((8, 3, 100), jnp.float32))
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(all_reduce=3 * 100 * 4)
+
+
+def test_bytes_reveal_a_gradient_sized_reduction_per_micro_step():
+  params = mlp_init(jax.random.key(0))
+  gradient_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  batch = jax.device_put(mlp_batch(jax.random.key(1), 64), NamedSharding(MESH, P("x")))
+  naive = jax.jit(jaxaccum.grad(mlp_loss, num_microbatches=4))
+  good = jax.jit(jaxaccum.grad(mlp_loss, num_microbatches=4, data_axis="x", mesh=MESH))
+  assert jaxaccum.count_collectives(naive, params, batch).bytes.inside_loops.total >= gradient_bytes
+  counts = jaxaccum.count_collectives(good, params, batch)
+  assert counts.bytes.inside_loops == NONE
+  assert counts.bytes.outside_loops.all_reduce == gradient_bytes
+
+
+def test_bytes_of_hand_written_hlo():
+  counts = jaxaccum.count_collectives(_HLO)
+  # f32[4] all-reduce-start; f32[32] all-gather reached through a call.
+  assert counts.bytes.inside_loops == jaxaccum.CollectivesByKind(all_reduce=16, all_gather=128)
+  # The reduce-scatter's f32[8] operand; the permute's f32[4] output, not
+  # the whole (input, output, context, context) tuple of the start.
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(reduce_scatter=32,
+                                                                  collective_permute=16)
+  assert counts.bytes.in_conditionals == jaxaccum.CollectivesByKind(collective_permute=16)
+  assert jaxaccum.count_collectives(_HLO.replace("%", "")).bytes == counts.bytes
+
+
+def _one_collective(shape, opcode="all-reduce", operands="%p"):
+  return f"""\
+HloModule m, is_scheduled=true
+
+ENTRY %main (p: f32[8], q: bf16[16]) -> f32[1] {{
+  %p = f32[8]{{0}} parameter(0)
+  %q = bf16[16]{{0}} parameter(1)
+  ROOT %c = {shape} {opcode}({operands}), replica_groups={{{{0,1,2,3,4,5,6,7}}}}
+}}
+"""
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ("f32[1024,256]{1,0}", 4 * 1024 * 256),
+    ("f32[1024,256]{1,0:T(8,128)}", 4 * 1024 * 256),
+    ("bf16[3,5]{1,0}", 30),
+    ("f16[7]{0}", 14),
+    ("s32[2,2]{1,0}", 16),
+    ("u32[3]{0}", 12),
+    ("pred[5]{0}", 5),
+    ("f64[2]{0}", 16),
+    ("c64[3]{0}", 24),
+    ("c128[1]{0}", 16),
+    ("s8[6]{0}", 6),
+    ("u16[3]{0}", 6),
+    ("s64[2]{0}", 16),
+    ("f8e4m3fn[10]{0}", 10),
+    ("s4[5]{0}", 3),
+    ("f32[]", 4),
+    ("f32[<=6,2]{1,0}", 48),
+    ("(f32[2]{0}, bf16[4]{0}, /*index=2*/s32[])", 8 + 8 + 4),
+])
+def test_bytes_of_a_result_shape(shape, expected):
+  counts = jaxaccum.count_collectives(_one_collective(shape))
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(all_reduce=expected)
+
+
+@pytest.mark.parametrize("shape, opcode, operands, kind, expected", [
+    # Asynchronous starts: the data produced, once.
+    ("f32[8]{0}", "all-reduce-start", "%p", "all_reduce", 32),
+    ("(f32[8]{0}, bf16[16]{0})", "all-reduce-start", "%p, %q", "all_reduce", 64),
+    ("(f32[8]{0}, f32[64]{0})", "all-gather-start", "%p", "all_gather", 256),
+    ("((f32[8]{0}, bf16[16]{0}), (f32[64]{0}, bf16[128]{0}))", "all-gather-start",
+     "%p, %q", "all_gather", 256 + 256),
+    ("(f32[8]{0}, f32[8]{0}, u32[], u32[])", "collective-permute-start", "%p",
+     "collective_permute", 32),
+    # A reduce-scatter counts its operands, looked up or printed inline.
+    ("f32[1]{0}", "reduce-scatter", "%p", "reduce_scatter", 32),
+    ("f32[1]{0}", "reduce-scatter", "f32[8]{0} %p", "reduce_scatter", 32),
+    ("(f32[1]{0}, bf16[2]{0})", "reduce-scatter", "p, q", "reduce_scatter", 64),
+    ("f32[8]{0}", "ragged-all-to-all", "%p, %p", "all_to_all", 32),
+])
+def test_bytes_of_async_and_reduce_scatter_ops(shape, opcode, operands, kind, expected):
+  counts = jaxaccum.count_collectives(_one_collective(shape, opcode, operands))
+  assert counts.outside_loops == jaxaccum.CollectivesByKind(**{kind: 1})
+  assert counts.bytes.outside_loops == jaxaccum.CollectivesByKind(**{kind: expected})
+
+
+def test_unknown_element_type_is_an_error():
+  with pytest.raises(ValueError, match="unknown HLO element type 'xyz'"):
+    jaxaccum.count_collectives(_one_collective("xyz[3]{0}"))
+
+
+def test_bytes_are_kept_by_copies_and_dropped_by_edits():
+  import copy
+  import pickle
+
+  counts = jaxaccum.count_collectives(_one_collective("f32[2]{0}"))
+  assert copy.deepcopy(counts).bytes == counts.bytes
+  assert pickle.loads(pickle.dumps(counts)).bytes == counts.bytes
+  assert counts._replace(inside_loops=NONE).bytes is None
+  assert jax.tree.map(lambda n: n, counts).bytes is None
+  assert jaxaccum.CollectiveCounts(NONE, NONE, NONE).bytes is None
+
+
+# Text that is not optimized HLO is an error, not zero collectives.
+
+def test_stablehlo_text_is_rejected():
+  lowered = _per_device(lambda a: lax.psum(a, "x")).lower(ROWS)
+  with pytest.raises(ValueError, match=r"StableHLO.*compile\(\)\.as_text\(\)"):
+    jaxaccum.count_collectives(lowered.as_text())
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "junk {\n  x = y\n}\n",
+                                  "module @m {\n  func.func @main() {\n  }\n}\n"])
+def test_text_that_is_not_hlo_is_rejected(text):
+  with pytest.raises(ValueError, match=r"optimized HLO text .*HloModule"):
+    jaxaccum.count_collectives(text)
+
+
+def test_text_without_an_entry_computation_is_rejected():
+  text = "HloModule m\n\n%c (x: f32[]) -> f32[] {\n  ROOT %x = f32[] parameter(0)\n}\n"
+  with pytest.raises(ValueError, match="no computation marked ENTRY"):
+    jaxaccum.count_collectives(text)
+
+
+def test_not_a_function_is_a_type_error():
+  with pytest.raises(TypeError, match="takes a function"):
+    jaxaccum.count_collectives(3)

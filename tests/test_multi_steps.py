@@ -49,18 +49,24 @@ def _zero(tree):
   return all(not np.any(np.asarray(x)) for x in jax.tree.leaves(tree))
 
 
-def _reference_run(inner, params, batches):
-  """The inner optimizer fed one full-batch gradient per cycle."""
+def _train_step(tx):
+  """A jitted step ``(params, state, batch) -> (params, state, grads, updates)``."""
   @jax.jit
   def step(params, state, batch):
     grads = jax.grad(_loss)(params, batch)
-    updates, state = inner.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, grads
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, grads, updates
 
+  return step
+
+
+def _reference_run(inner, params, batches):
+  """The inner optimizer fed one full-batch gradient per cycle."""
+  step = _train_step(inner)
   state = inner.init(params)
   out = []
   for batch in batches:
-    params, state, grads = step(params, state, batch)
+    params, state, grads, _ = step(params, state, batch)
     out.append((params, grads))
   return out
 
@@ -74,17 +80,12 @@ def test_k_microsteps_equal_one_full_batch_step_of_the_inner_optimizer():
   # The premise: clipping is active.
   assert float(optax.tree.norm(reference[0][1])) > 1.0
 
-  @jax.jit
-  def step(params, state, batch):
-    grads = jax.grad(_loss)(params, batch)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, updates
-
+  step = _train_step(opt)
   state = opt.init(params)
   for cycle, batch in enumerate(batches):
     for j in range(K):
       before = params
-      params, state, updates = step(params, state, _micro(batch, j, K))
+      params, state, _, updates = step(params, state, _micro(batch, j, K))
       if j < K - 1:
         assert _zero(updates), (cycle, j)
         assert_trees_equal(params, before)

@@ -240,7 +240,42 @@ def test_smoothed_noise_scale_approaches_the_analytic_value():
   np.testing.assert_allclose(b_simple[-1], B_SIMPLE, rtol=0.1)
 
 
-@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5, "0.9", None])
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5, float("nan"), np.float64(1.0)])
 def test_invalid_decay(decay):
   with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\)"):
     jaxaccum.noise_scale_ema(decay)
+
+
+@pytest.mark.parametrize("decay", ["0.9", None, True, 0.9j])
+def test_decay_that_is_not_a_number(decay):
+  with pytest.raises(TypeError, match=r"decay must be a number in \[0, 1\)"):
+    jaxaccum.noise_scale_ema(decay)
+
+
+@pytest.mark.parametrize("decay", [1 - 1e-9, 1 - 2.0 ** -25, np.float64(1 - 1e-12)])
+def test_decay_that_rounds_to_one_in_float32(decay):
+  # Below 1 as a Python float, 1.0 as the float32 the averages are kept in.
+  with pytest.raises(ValueError, match=r"rounds to 1.0 in float32.*at most 0.99999994"):
+    jaxaccum.noise_scale_ema(decay)
+
+
+def test_largest_decay_keeps_the_averages_finite():
+  smoother = jaxaccum.noise_scale_ema(1 - 2.0 ** -24)
+  state = smoother.init()
+  for x in [(2.0, 30.0), (4.0, 12.0), (1.0, 10.0)]:
+    b_simple, state = smoother.update(state, _stats(*x))
+  assert np.isfinite(float(b_simple))
+  np.testing.assert_allclose([state.sq_norm, state.trace], [7 / 3, 52 / 3], rtol=1e-5)
+
+
+def test_update_checks_its_state_and_stats():
+  smoother = jaxaccum.noise_scale_ema(0.9)
+  state = smoother.init()
+  with pytest.raises(TypeError, match="stats has no sq_norm_estimate, trace_estimate.*with_stats=True"):
+    smoother.update(state, None)
+  with pytest.raises(TypeError, match=r"state must be the NoiseScaleState from init\(\).*got tuple"):
+    smoother.update((0, 0.0, 0.0), _stats(1.0, 2.0))
+  with pytest.raises(TypeError, match="stats.trace_estimate must be a real number"):
+    smoother.update(state, _stats(1.0, 2.0)._replace(trace_estimate="2.0"))
+  with pytest.raises(TypeError, match="stats.sq_norm_estimate must be a real number"):
+    smoother.update(state, _stats(1.0, 2.0)._replace(sq_norm_estimate=True))
