@@ -4,6 +4,8 @@ References are the inner optimizer fed the full-batch gradient, a Python loop,
 and ``optax.MultiSteps``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -331,9 +333,15 @@ def test_bf16_gradients_float32_accumulator():
   assert errs[jnp.bfloat16] > 4 * errs[jnp.float32], errs
 
 
-@pytest.mark.parametrize("k", [0, -1, True])
+@pytest.mark.parametrize("k", [0, -1, np.int64(0)])
 def test_invalid_every_k(k):
-  with pytest.raises(ValueError, match=f"every_k_schedule={k}"):
+  with pytest.raises(ValueError, match=re.escape(f"every_k_schedule={k!r}")):
+    jaxaccum.multi_steps(optax.sgd(1.0), k)
+
+
+@pytest.mark.parametrize("k", [True, 2.0, np.float32(4), "4", None, jnp.ones(2, jnp.int32)])
+def test_every_k_of_a_wrong_type(k):
+  with pytest.raises(TypeError, match="every_k_schedule="):
     jaxaccum.multi_steps(optax.sgd(1.0), k)
 
 
