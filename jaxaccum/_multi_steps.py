@@ -361,17 +361,17 @@ def _schedule_of(every_k_schedule: Any) -> Callable[[jax.Array], Any]:
 def _every_k(schedule: Callable[[jax.Array], Any], gradient_step: jax.Array) -> jax.Array:
   """The schedule's ``k`` as int32; a static value below 1 is an error."""
   k = schedule(gradient_step)
-  k_arr = jnp.asarray(k)
+  k_arr = k if isinstance(k, jax.core.Tracer) else np.asarray(k)
   if not jnp.issubdtype(k_arr.dtype, jnp.integer):
     raise TypeError(f"every_k_schedule returned {k!r} of dtype {k_arr.dtype}; it must "
                     "return an integer (e.g. jnp.where(step < 10, 1, 4), not 4.0)")
   if k_arr.shape != ():
     raise ValueError(f"every_k_schedule returned shape {k_arr.shape}; it must return "
                      "a scalar")
-  if not isinstance(k_arr, jax.core.Tracer) and int(k_arr) < 1:
+  if isinstance(k_arr, np.ndarray) and int(k_arr) < 1:
     raise ValueError(f"every_k_schedule returned {int(k_arr)}; it must return an "
                      "integer >= 1 (calls per optimizer step)")
-  return k_arr.astype(jnp.int32)
+  return jnp.asarray(k_arr).astype(jnp.int32)
 
 
 def _checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
