@@ -1,7 +1,7 @@
 """jaxaccum: exact gradient accumulation for JAX, optax and Flax.
 
-``jaxaccum.nnx`` (Flax NNX adapters) is imported on first use, so the core
-never imports flax.
+``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax Linen
+adapters) are imported on first use, so the core never imports flax.
 """
 
 import importlib
@@ -35,6 +35,6 @@ __all__ = [
 
 
 def __getattr__(name: str):
-  if name == "nnx":
-    return importlib.import_module("jaxaccum.nnx")
+  if name in ("nnx", "linen"):
+    return importlib.import_module(f"jaxaccum.{name}")
   raise AttributeError(f"module 'jaxaccum' has no attribute {name!r}")
