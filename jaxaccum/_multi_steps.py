@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -13,6 +13,7 @@ import optax
 from jax import lax
 
 from jaxaccum import _collectives, _dtypes
+from jaxaccum import _multi_steps_checks as _checks
 
 Params = Any
 Updates = Any
@@ -210,90 +211,123 @@ def multi_steps(
     >>> updates, bool(opt.has_updated(state))
     (Array([-0.2, -0.3], dtype=float32), True)
   """
-  _check_inner(inner)
-  schedule = _schedule_of(every_k_schedule)
-  _check_bool(use_grad_mean=use_grad_mean)
-  if should_skip_update_fn is not None and not callable(should_skip_update_fn):
-    raise TypeError(f"{should_skip_update_fn=} is not callable; pass a function "
-                    "(updates, gradient_step, params) -> (skip, skip_state), or None")
-  accumulator_dtype = _dtypes.check_accumulator_dtype(accumulator_dtype)
-  axes = _axes_of(axis_name)
-  inner_opt = inner
-  inner = optax.with_extra_args_support(inner)
-  skip_fn = _never_skip if should_skip_update_fn is None else should_skip_update_fn
-
-  def init_fn(params: Params) -> MultiStepsState:
-    gradient_step = jnp.zeros([], jnp.int32)
-    _, skip_state = skip_fn(optax.tree.zeros_like(params), gradient_step, params)
-    return MultiStepsState(
-        mini_step=jnp.zeros([], jnp.int32),
-        gradient_step=gradient_step,
-        inner_opt_state=inner.init(params),
-        acc_grads=jax.tree.map(
-            lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(accumulator_dtype, p.dtype)),
-            params),
-        acc_weight=jnp.zeros([], jnp.float32),
-        skip_state=skip_state,
-        updated=jnp.zeros([], jnp.bool_),
-    )
+  _checks.check_inner(inner)
+  _checks.check_bool(use_grad_mean=use_grad_mean)
+  _checks.check_skip_fn(should_skip_update_fn)
+  cfg = _Config(
+      inner=optax.with_extra_args_support(inner),
+      schedule=_checks.schedule_of(every_k_schedule),
+      use_grad_mean=bool(use_grad_mean),
+      skip_fn=_never_skip if should_skip_update_fn is None else should_skip_update_fn,
+      shared_skip=should_skip_update_fn is not None,
+      accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
+      axis_name=axis_name,
+      axes=_checks.axes_of(axis_name),
+  )
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
                 *, weight: jax.typing.ArrayLike | None = None, **extra_args):
-    _check_structure(updates, state.acc_grads)
-    _check_axes_bound(axis_name, axes)
-    k = _every_k(schedule, state.gradient_step)
-    skip, skip_state = skip_fn(updates, state.gradient_step, params)
-    skip = _checked_skip(skip, axes if should_skip_update_fn is not None else ())
-    w = (jnp.ones([], jnp.float32) if weight is None
-         else _dtypes.checked_weight(weight, "weight").astype(jnp.float32))
-    # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
-    w = jnp.where(skip, jnp.zeros_like(w), w)
-    acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
-                             state.acc_grads, updates)
-    acc_weight = state.acc_weight + w
-    mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
-    emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
+    return _update(cfg, updates, state, params, weight, extra_args)
 
-    def inner_update(grads, inner_state):
-      return inner.update(optax.tree.cast_like(grads, updates), inner_state, params,
-                          **extra_args)
-
-    def finish_cycle(acc_grads, acc_weight, inner_state):
-      with jax.named_scope("jaxaccum/multi_steps_update"):
-        acc_grads, acc_weight = _collectives.psum((acc_grads, acc_weight), axes)
-        if use_grad_mean:
-          acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
-        # A schedule value the cycle cannot honour (k < 1) makes it NaN.
-        acc_grads = jax.tree.map(
-            lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
-        new_updates, new_state = inner_update(acc_grads, inner_state)
-        zeros = optax.tree.zeros_like(acc_grads)
-        return (new_updates, _cast_like_state(new_state, inner_state),
-                _collectives.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
-
-    def continue_cycle(acc_grads, acc_weight, inner_state):
-      shapes = jax.eval_shape(inner_update, acc_grads, inner_state)[0]
-      zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return (zero_updates, inner_state,
-              _collectives.to_varying((acc_grads, acc_weight), axes))
-
-    new_updates, inner_state, (acc_grads, acc_weight) = lax.cond(
-        emit, finish_cycle, continue_cycle, acc_grads, acc_weight, state.inner_opt_state)
-    new_state = MultiStepsState(
-        mini_step=jnp.where(emit, jnp.zeros_like(mini_step), mini_step),
-        gradient_step=jnp.where(
-            emit, optax.safe_increment(state.gradient_step), state.gradient_step),
-        inner_opt_state=inner_state,
-        acc_grads=acc_grads,
-        acc_weight=acc_weight,
-        skip_state=skip_state,
-        updated=emit,
-    )
-    return new_updates, new_state
-
-  ms = MultiSteps(init_fn, update_fn)
-  ms.__dict__.update(inner_opt=inner_opt, options=(use_grad_mean, accumulator_dtype))
+  ms = MultiSteps(functools.partial(_init, cfg), update_fn)
+  ms.__dict__.update(inner_opt=inner, options=(cfg.use_grad_mean, cfg.accumulator_dtype))
   return ms
+
+
+class _Config(NamedTuple):
+  """``multi_steps``'s options, validated."""
+
+  inner: optax.GradientTransformationExtraArgs
+  schedule: Callable[[jax.Array], Any]
+  use_grad_mean: bool
+  skip_fn: ShouldSkipUpdateFn
+  shared_skip: bool  # devices agree on the skip decision (a user's skip_fn)
+  accumulator_dtype: Any
+  axis_name: Any
+  axes: tuple[Hashable, ...]
+
+
+def _init(cfg: _Config, params: Params) -> MultiStepsState:
+  gradient_step = jnp.zeros([], jnp.int32)
+  _, skip_state = cfg.skip_fn(optax.tree.zeros_like(params), gradient_step, params)
+  return MultiStepsState(
+      mini_step=jnp.zeros([], jnp.int32),
+      gradient_step=gradient_step,
+      inner_opt_state=cfg.inner.init(params),
+      acc_grads=jax.tree.map(
+          lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(cfg.accumulator_dtype, p.dtype)),
+          params),
+      acc_weight=jnp.zeros([], jnp.float32),
+      skip_state=skip_state,
+      updated=jnp.zeros([], jnp.bool_),
+  )
+
+
+def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
+            weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
+  """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
+  _checks.check_structure(updates, state.acc_grads)
+  _checks.check_axes_bound(cfg.axis_name, cfg.axes)
+  k = _checks.every_k(cfg.schedule, state.gradient_step)
+  skip, skip_state = cfg.skip_fn(updates, state.gradient_step, params)
+  skip = _checks.checked_skip(skip, cfg.axes if cfg.shared_skip else ())
+  w = (jnp.ones([], jnp.float32) if weight is None
+       else _dtypes.checked_weight(weight, "weight").astype(jnp.float32))
+  # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
+  w = jnp.where(skip, jnp.zeros_like(w), w)
+  acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
+                           state.acc_grads, updates)
+  acc_weight = state.acc_weight + w
+  mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
+  emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
+
+  def inner_update(grads, inner_state):
+    return cfg.inner.update(optax.tree.cast_like(grads, updates), inner_state, params,
+                            **extra_args)
+
+  new_updates, inner_state, (acc_grads, acc_weight) = _cycle_end(
+      cfg, k, emit, inner_update, acc_grads, acc_weight, state.inner_opt_state)
+  new_state = MultiStepsState(
+      mini_step=jnp.where(emit, jnp.zeros_like(mini_step), mini_step),
+      gradient_step=jnp.where(
+          emit, optax.safe_increment(state.gradient_step), state.gradient_step),
+      inner_opt_state=inner_state,
+      acc_grads=acc_grads,
+      acc_weight=acc_weight,
+      skip_state=skip_state,
+      updated=emit,
+  )
+  return new_updates, new_state
+
+
+def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callable,
+               acc_grads: Any, acc_weight: jax.Array, inner_state: Any):
+  """Where ``emit``: the inner update of the cycle's gradient, and empty sums.
+
+  Elsewhere zero updates (of the inner update's dtypes) and the sums as they are.
+  """
+  axes = cfg.axes
+
+  def finish_cycle(acc_grads, acc_weight, inner_state):
+    with jax.named_scope("jaxaccum/multi_steps_update"):
+      acc_grads, acc_weight = _collectives.psum((acc_grads, acc_weight), axes)
+      if cfg.use_grad_mean:
+        acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
+      # A schedule value the cycle cannot honour (k < 1) makes it NaN.
+      acc_grads = jax.tree.map(
+          lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
+      new_updates, new_state = inner_update(acc_grads, inner_state)
+      zeros = optax.tree.zeros_like(acc_grads)
+      return (new_updates, _cast_like_state(new_state, inner_state),
+              _collectives.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
+
+  def continue_cycle(acc_grads, acc_weight, inner_state):
+    shapes = jax.eval_shape(inner_update, acc_grads, inner_state)[0]
+    zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return (zero_updates, inner_state,
+            _collectives.to_varying((acc_grads, acc_weight), axes))
+
+  return lax.cond(emit, finish_cycle, continue_cycle, acc_grads, acc_weight, inner_state)
 
 
 def has_updated(state: MultiStepsState) -> jax.Array:
@@ -322,97 +356,6 @@ def has_updated(state: MultiStepsState) -> jax.Array:
   if updated is None:
     return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
   return jnp.asarray(updated, jnp.bool_)
-
-
-def _check_inner(inner: Any) -> None:
-  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-    hint = " (call it: optax.adam(1e-3), not optax.adam)" if callable(inner) else ""
-    raise TypeError(f"inner={inner!r} is not an optax.GradientTransformation{hint}")
-
-
-def _check_bool(**option: Any) -> None:
-  (name, value), = option.items()
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name}={value!r} must be True or False")
-
-
-def _schedule_of(every_k_schedule: Any) -> Callable[[jax.Array], Any]:
-  """``every_k_schedule`` as a function of ``gradient_step``, validated."""
-  name = f"every_k_schedule={every_k_schedule!r}"
-  if isinstance(every_k_schedule, (bool, np.bool_)):
-    raise TypeError(f"{name} is a bool; pass an integer >= 1 or a function of the step")
-  if isinstance(every_k_schedule, (np.ndarray, jax.Array)) and not callable(every_k_schedule):
-    if every_k_schedule.shape != () or not jnp.issubdtype(every_k_schedule.dtype, jnp.integer):
-      raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
-    every_k_schedule = int(every_k_schedule)
-  if isinstance(every_k_schedule, numbers.Integral):
-    if every_k_schedule < 1:
-      raise ValueError(f"{name} must be an integer >= 1 (calls per optimizer step)")
-    k = int(every_k_schedule)
-    return lambda step: k
-  if isinstance(every_k_schedule, numbers.Real):
-    raise TypeError(f"{name} is not an integer; pass an int >= 1, e.g. "
-                    "every_k_schedule=4, or a function of the step")
-  if not callable(every_k_schedule):
-    raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
-  return every_k_schedule
-
-
-def _every_k(schedule: Callable[[jax.Array], Any], gradient_step: jax.Array) -> jax.Array:
-  """The schedule's ``k`` as int32; a static value below 1 is an error."""
-  k = schedule(gradient_step)
-  k_arr = k if isinstance(k, jax.core.Tracer) else np.asarray(k)
-  if not jnp.issubdtype(k_arr.dtype, jnp.integer):
-    raise TypeError(f"every_k_schedule returned {k!r} of dtype {k_arr.dtype}; it must "
-                    "return an integer (e.g. jnp.where(step < 10, 1, 4), not 4.0)")
-  if k_arr.shape != ():
-    raise ValueError(f"every_k_schedule returned shape {k_arr.shape}; it must return "
-                     "a scalar")
-  if isinstance(k_arr, np.ndarray) and int(k_arr) < 1:
-    raise ValueError(f"every_k_schedule returned {int(k_arr)}; it must return an "
-                     "integer >= 1 (calls per optimizer step)")
-  return jnp.asarray(k_arr).astype(jnp.int32)
-
-
-def _checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
-  skip = jnp.asarray(skip)
-  if (skip.dtype, skip.shape) != (jnp.bool_, ()):
-    raise ValueError(
-        "should_skip_update_fn must return a boolean scalar, got dtype "
-        f"{skip.dtype} and shape {skip.shape}")
-  if axes:
-    # Devices must agree, or only some would enter the cycle's all-reduce:
-    # a call skipped on any device is skipped on all of them.
-    skip = lax.pmax(_collectives.to_varying(skip.astype(jnp.int32), axes), axes) > 0
-  return skip
-
-
-def _check_structure(updates: Updates, acc_grads: Any) -> None:
-  got, want = jax.tree.structure(updates), jax.tree.structure(acc_grads)
-  if got != want:
-    raise ValueError(
-        "multi_steps: the gradients do not have the structure of the parameters "
-        f"the state was initialized with: got {got}, expected {want}; pass "
-        "gradients of the same pytree as the params given to init")
-
-
-def _axes_of(axis_name: Any) -> tuple[Hashable, ...]:
-  axes = _collectives.axes_of(axis_name)
-  if not all(isinstance(a, Hashable) for a in axes):
-    raise TypeError(f"{axis_name=} must be a mesh axis name (a string), a tuple of "
-                    "them, or None")
-  return axes
-
-
-def _check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:
-  for a in axes:
-    try:
-      lax.axis_size(a)
-    except NameError:
-      raise ValueError(
-          f"{axis_name=} is not bound here: multi_steps(axis_name=...) is for "
-          "updates called inside jax.pmap or jax.shard_map over that axis; under "
-          "plain jax.jit over sharded arrays, leave axis_name=None") from None
 
 
 def _cast_like_state(new: Any, old: Any) -> Any:
