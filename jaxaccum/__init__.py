@@ -9,18 +9,20 @@ Modules, one concept each:
   weight, aux, states, statistics): what a micro-batch contributes, and how
   the reduced sum becomes the result.
 - ``_loop``: zeros, one ``lax.scan``, the cross-device reduction, finalize.
-- ``_parallel``: every piece of multi-device code (``axis_name``,
-  ``data_axis``).
+- ``_parallel``: the multi-device strategies the loop talks to
+  (``axis_name``, ``data_axis``), and ``_sharded``: sharded parameters
+  (FSDP, tensor parallel) under ``data_axis``.
 - ``_result``: how the result is nested for the user.
 - ``_dtypes``: accumulator dtypes and weight rules, shared with
-  ``_multi_steps`` (accumulation across optimizer steps).
-- ``_hlo``, ``_planner``, ``_noise_scale``, ``_stats``: collectives in
-  compiled programs, choosing ``N`` from compiled memory, noise-scale
-  statistics.
+  ``_multi_steps`` (accumulation across optimizer steps; its input checks in
+  ``_multi_steps_checks``).
+- ``_hlo`` (over the parser ``_hlo_text``), ``_planner``, ``_noise_scale``,
+  ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
+  memory, noise-scale statistics.
 
 Data flow of one call: options -> micro-step -> reducers -> one reduction ->
-result. ``jaxaccum.nnx`` (Flax NNX adapters) is imported on first use, so the
-core never imports flax.
+result. ``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax
+Linen adapters) are imported on first use, so the core never imports flax.
 """
 
 import os as _os
@@ -47,6 +49,7 @@ __all__ = [
     "count_collectives",
     "grad",
     "has_updated",
+    "linen",
     "multi_steps",
     "nnx",
     "noise_scale_ema",
@@ -61,12 +64,12 @@ del _os, _traceback_util
 
 
 def __getattr__(name: str):
-  if name == "nnx":
-    import jaxaccum.nnx  # pylint: disable=import-outside-toplevel
+  if name in ("nnx", "linen"):
+    import importlib  # pylint: disable=import-outside-toplevel
 
-    return jaxaccum.nnx
+    return importlib.import_module(f"jaxaccum.{name}")
   raise AttributeError(f"module 'jaxaccum' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | {"nnx"})
+  return sorted(set(globals()) | {"nnx", "linen"})

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from jaxaccum import _collectives, _dtypes
+from jaxaccum import _multi_steps_checks as _checks
 
 Params = Any
 Updates = Any
@@ -20,8 +23,13 @@ ShouldSkipUpdateFn = Callable[[Updates, jax.Array, Params | None], tuple[jax.Arr
 class MultiStepsState(NamedTuple):
   """State of :func:`jaxaccum.multi_steps`.
 
+  The fields of ``optax.MultiStepsState`` (``mini_step``, ``gradient_step``,
+  ``inner_opt_state``, ``acc_grads``, ``skip_state``) with the same meaning,
+  except that ``acc_grads`` holds a sum, not a running mean, and two more.
+
   Attributes:
-    mini_step: int32, calls accumulated so far in the current cycle.
+    mini_step: int32, calls accumulated so far in the current cycle (a call
+      skipped by ``should_skip_update_fn`` does not count).
     gradient_step: int32, completed cycles: updates of the inner optimizer.
     inner_opt_state: the inner optimizer's state; it changes once per cycle.
     acc_grads: the current cycle's sum of (weighted) gradients, in the
@@ -31,6 +39,8 @@ class MultiStepsState(NamedTuple):
       accumulated calls without ``weight``).
     skip_state: the second output of ``should_skip_update_fn`` on the last
       call (``()`` without one).
+    updated: bool, whether the call that returned this state ran the inner
+      optimizer (what :func:`jaxaccum.has_updated` reads).
 
   Example:
 
@@ -46,6 +56,66 @@ class MultiStepsState(NamedTuple):
   acc_grads: Any
   acc_weight: jax.Array
   skip_state: Any = ()
+  updated: Any = np.bool_(False)
+
+
+class MultiSteps(optax.GradientTransformationExtraArgs):
+  """What :func:`jaxaccum.multi_steps` returns.
+
+  An ``optax.GradientTransformationExtraArgs`` (``init, update = ms`` and
+  ``optax.chain`` work) with the methods of ``optax.MultiSteps``.
+
+  Example:
+
+    >>> import jax.numpy as jnp, optax, jaxaccum
+    >>> ms = jaxaccum.multi_steps(optax.sgd(0.1), 2)
+    >>> isinstance(ms, optax.GradientTransformation), bool(ms.has_updated(ms.init(jnp.zeros(2))))
+    (True, False)
+  """
+
+  @property
+  def inner_opt(self) -> optax.GradientTransformation:
+    """The inner optimizer, as given to :func:`jaxaccum.multi_steps`."""
+    return self.__dict__["inner_opt"]
+
+  def has_updated(self, state: MultiStepsState) -> jax.Array:
+    """Same as :func:`jaxaccum.has_updated`."""
+    return has_updated(state)
+
+  def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    """``init`` and ``update`` as a plain ``optax.GradientTransformationExtraArgs``."""
+    return optax.GradientTransformationExtraArgs(self.init, self.update)
+
+  def state_from_optax(self, optax_state: Any) -> MultiStepsState:
+    """Converts an ``optax.MultiStepsState`` (saved mid-cycle, say) to this state.
+
+    The inner optimizer, ``use_grad_mean`` and ``every_k_schedule`` must be
+    those the ``optax.MultiSteps`` had. ``optax.MultiSteps`` keeps the running
+    mean of the cycle's gradients (with ``use_grad_mean``), this state their
+    sum: the sum is recovered as ``mini_step`` times the mean (exact up to
+    rounding).
+
+    Args:
+      optax_state: the ``optax.MultiStepsState``.
+
+    Returns:
+      The equivalent :class:`jaxaccum.MultiStepsState`.
+    """
+    mini_step = jnp.asarray(optax_state.mini_step, jnp.int32)
+    count = mini_step.astype(jnp.float32)
+    use_grad_mean, accumulator_dtype = self.__dict__["options"]
+
+    def to_sum(acc):
+      acc = acc.astype(_dtypes.accumulator_for(accumulator_dtype, acc.dtype))
+      return acc * count.astype(acc.dtype) if use_grad_mean else acc
+
+    gradient_step = jnp.asarray(optax_state.gradient_step, jnp.int32)
+    return MultiStepsState(
+        mini_step=mini_step, gradient_step=gradient_step,
+        inner_opt_state=optax_state.inner_opt_state,
+        acc_grads=jax.tree.map(to_sum, optax_state.acc_grads),
+        acc_weight=count, skip_state=optax_state.skip_state,
+        updated=jnp.logical_and(mini_step == 0, gradient_step > 0))
 
 
 def _never_skip(updates, gradient_step, params):
@@ -56,20 +126,24 @@ def _never_skip(updates, gradient_step, params):
 def multi_steps(
     inner: optax.GradientTransformation,
     every_k_schedule: int | Callable[[jax.Array], jax.typing.ArrayLike],
-    *,
-    accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     use_grad_mean: bool = True,
     should_skip_update_fn: ShouldSkipUpdateFn | None = None,
+    *,
+    accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> MultiSteps:
   """Accumulates gradients over ``k`` calls; the inner optimizer runs once.
 
-  A drop-in for
-  ``optax.MultiSteps(inner, every_k_schedule).gradient_transformation()``: the
-  first ``k - 1`` calls of a cycle return zero updates, the ``k``-th returns the
-  inner optimizer's update for the cycle's mean gradient. Unlike
-  ``optax.MultiSteps``, the inner update is computed only on that call (under
-  ``lax.cond``), not on every call and discarded. Roughly this Python loop::
+  A drop-in for ``optax.MultiSteps(inner, every_k_schedule, use_grad_mean,
+  should_skip_update_fn)``: the first ``k - 1`` calls of a cycle return zero
+  updates, the ``k``-th returns the inner optimizer's update for the cycle's
+  mean gradient. The result is itself the transformation (``ms.init``,
+  ``ms.update``, usable in ``optax.chain``, ``TrainState(tx=...)`` and
+  ``nnx.Optimizer``) and also has ``ms.has_updated(state)``,
+  ``ms.gradient_transformation()`` and ``ms.inner_opt``. Unlike
+  ``optax.MultiSteps``, the inner update is computed only on a cycle's last
+  call (under ``lax.cond``), not on every call and discarded. Roughly this
+  Python loop::
 
     for call in range(k):
       acc_grads += weight * grads           # weight = 1 by default
@@ -79,30 +153,50 @@ def multi_steps(
     updates, inner_state = inner.update(grads, inner_state, params)
     acc_grads, acc_weight = 0, 0
 
+  The state (:class:`jaxaccum.MultiStepsState`) holds the sum of the cycle's
+  gradients and of its weights, where ``optax.MultiStepsState`` holds a running
+  mean; ``ms.state_from_optax`` converts the latter, so training started with
+  ``optax.MultiSteps`` resumes from its checkpoint, even mid-cycle. The new
+  inner state is cast to the dtypes of the old one (as ``optax.MultiSteps``
+  does), so an inner state that follows bfloat16 parameters stays bfloat16 when
+  the gradients are float32.
+
+  A value that cannot be honoured is an error where it is static and NaN where
+  it is traced: a traced ``weight`` that is NaN or negative, or a traced
+  ``every_k_schedule`` result below 1, makes the cycle's gradient (hence its
+  updates) NaN; ``should_skip_update_fn=optax.skip_not_finite`` cannot catch
+  those, since it inspects the incoming gradients.
+
   Args:
     inner: the optimizer to run once per cycle.
-    every_k_schedule: the number of calls ``k`` per cycle, or a function of the
-      ``gradient_step`` count returning it.
-    accumulator_dtype: the least precise dtype of the accumulated gradients
-      (each is kept in this dtype promoted with its parameter's dtype);
-      ``None``: the parameter's dtype.
+    every_k_schedule: the number of calls ``k`` per cycle (an integer >= 1), or
+      a function of the ``gradient_step`` count returning it as an integer
+      scalar (an integer array or Python int; a float is a ``TypeError``).
     use_grad_mean: ``True``: the cycle's (weighted) mean gradient; ``False``:
       the (weighted) sum.
     should_skip_update_fn: as in ``optax.MultiSteps``: called as
       ``fn(updates, gradient_step, params)``, returns ``(skip, skip_state)``;
-      a skipped call changes nothing, as if it never happened.
+      a skipped call changes nothing, as if it never happened, except that
+      ``has_updated`` is then ``False``.
+    accumulator_dtype: the least precise floating dtype of the accumulated
+      gradients (each is kept in this dtype promoted with its parameter's
+      dtype); ``None``: the parameter's dtype.
     axis_name: for training steps under ``jax.pmap`` or ``jax.shard_map``:
       gradients are accumulated device-locally and reduced across devices over
       this axis only on the cycle's last call.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose update takes
+    A :class:`~jaxaccum._multi_steps.MultiSteps` (an
+    ``optax.GradientTransformationExtraArgs``) whose update takes
     ``(grads, state, params=None, *, weight=None, **extra_args)``; ``weight``
-    makes the cycle's gradient the weighted mean of its calls' gradients,
-    ``extra_args`` go to the inner optimizer.
+    (a non-negative scalar) makes the cycle's gradient the weighted mean of
+    its calls' gradients, ``extra_args`` go to the inner optimizer.
 
   Raises:
-    ValueError: ``every_k_schedule`` is an int below 1.
+    TypeError: an option of the wrong type (``every_k_schedule`` a float or a
+      bool, ``should_skip_update_fn`` not callable, ...).
+    ValueError: ``every_k_schedule`` below 1, a non-floating
+      ``accumulator_dtype``.
 
   Example:
 
@@ -111,107 +205,145 @@ def multi_steps(
     >>> params = jnp.zeros(2)
     >>> state = opt.init(params)
     >>> updates, state = opt.update(jnp.array([1.0, 2.0]), state, params)
-    >>> updates, bool(jaxaccum.has_updated(state))
+    >>> updates, bool(opt.has_updated(state))
     (Array([0., 0.], dtype=float32), False)
     >>> updates, state = opt.update(jnp.array([3.0, 4.0]), state, params)
-    >>> updates, bool(jaxaccum.has_updated(state))
+    >>> updates, bool(opt.has_updated(state))
     (Array([-0.2, -0.3], dtype=float32), True)
   """
-  if isinstance(every_k_schedule, bool) or (
-      isinstance(every_k_schedule, int) and every_k_schedule < 1):
-    raise ValueError(f"{every_k_schedule=} must be an int >= 1 or a callable")
-  if isinstance(every_k_schedule, int):
-    schedule = lambda step, k=every_k_schedule: k
-  elif callable(every_k_schedule):
-    schedule = every_k_schedule
-  else:
-    raise ValueError(f"{every_k_schedule=} must be an int >= 1 or a callable")
-  inner = optax.with_extra_args_support(inner)
-  skip_fn = _never_skip if should_skip_update_fn is None else should_skip_update_fn
-  axes = _collectives.axes_of(axis_name)
-
-  def init_fn(params: Params) -> MultiStepsState:
-    gradient_step = jnp.zeros([], jnp.int32)
-    _, skip_state = skip_fn(optax.tree.zeros_like(params), gradient_step, params)
-    return MultiStepsState(
-        mini_step=jnp.zeros([], jnp.int32),
-        gradient_step=gradient_step,
-        inner_opt_state=inner.init(params),
-        acc_grads=jax.tree.map(
-            lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(accumulator_dtype, p.dtype)),
-            params),
-        acc_weight=jnp.zeros([], jnp.float32),
-        skip_state=skip_state,
-    )
+  _checks.check_inner(inner)
+  _checks.check_bool(use_grad_mean=use_grad_mean)
+  _checks.check_skip_fn(should_skip_update_fn)
+  cfg = _Config(
+      inner=optax.with_extra_args_support(inner),
+      schedule=_checks.schedule_of(every_k_schedule),
+      use_grad_mean=bool(use_grad_mean),
+      skip_fn=_never_skip if should_skip_update_fn is None else should_skip_update_fn,
+      shared_skip=should_skip_update_fn is not None,
+      accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
+      axis_name=axis_name,
+      axes=_checks.axes_of(axis_name),
+  )
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
                 *, weight: jax.typing.ArrayLike | None = None, **extra_args):
-    k = jnp.asarray(schedule(state.gradient_step)).astype(jnp.int32)
-    skip, skip_state = skip_fn(updates, state.gradient_step, params)
-    skip = jnp.asarray(skip)
-    if (skip.dtype, skip.shape) != (jnp.bool_, ()):
-      raise ValueError(
-          "should_skip_update_fn must return a boolean scalar, got dtype "
-          f"{skip.dtype} and shape {skip.shape}")
-    if axes and should_skip_update_fn is not None:
-      # Devices must agree, or only some would enter the cycle's all-reduce:
-      # a call skipped on any device is skipped on all of them.
-      skip = lax.pmax(_collectives.to_varying(skip.astype(jnp.int32), axes), axes) > 0
-    w = jnp.ones([], jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
-    # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
-    w = jnp.where(skip, jnp.zeros_like(w), w)
-    acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
-                             state.acc_grads, updates)
-    acc_weight = state.acc_weight + w
-    mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
-    emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
+    return _update(cfg, updates, state, params, weight, extra_args)
 
-    def inner_update(grads, inner_state):
-      return inner.update(grads, inner_state, params, **extra_args)
+  ms = MultiSteps(functools.partial(_init, cfg), update_fn)
+  ms.__dict__.update(inner_opt=inner, options=(cfg.use_grad_mean, cfg.accumulator_dtype))
+  return ms
 
-    def finish_cycle(acc_grads, acc_weight, inner_state):
-      with jax.named_scope("jaxaccum/multi_steps_update"):
-        acc_grads, acc_weight = _collectives.psum((acc_grads, acc_weight), axes)
-        if use_grad_mean:
-          safe = jnp.where(acc_weight > 0, acc_weight, jnp.ones_like(acc_weight))
-          acc_grads = jax.tree.map(lambda a: a / safe.astype(a.dtype), acc_grads)
-        new_updates, inner_state = inner_update(
-            optax.tree.cast_like(acc_grads, updates), inner_state)
-        zeros = optax.tree.zeros_like(acc_grads)
-        return (new_updates, inner_state,
-                _collectives.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
 
-    def continue_cycle(acc_grads, acc_weight, inner_state):
-      shapes = jax.eval_shape(
-          inner_update, optax.tree.cast_like(acc_grads, updates), inner_state)[0]
-      zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return (zero_updates, inner_state,
-              _collectives.to_varying((acc_grads, acc_weight), axes))
+class _Config(NamedTuple):
+  """``multi_steps``'s options, validated."""
 
-    new_updates, inner_state, (acc_grads, acc_weight) = lax.cond(
-        emit, finish_cycle, continue_cycle, acc_grads, acc_weight, state.inner_opt_state)
-    new_state = MultiStepsState(
-        mini_step=jnp.where(emit, jnp.zeros_like(mini_step), mini_step),
-        gradient_step=jnp.where(
-            emit, optax.safe_increment(state.gradient_step), state.gradient_step),
-        inner_opt_state=inner_state,
-        acc_grads=acc_grads,
-        acc_weight=acc_weight,
-        skip_state=skip_state,
-    )
-    return new_updates, new_state
+  inner: optax.GradientTransformationExtraArgs
+  schedule: Callable[[jax.Array], Any]
+  use_grad_mean: bool
+  skip_fn: ShouldSkipUpdateFn
+  shared_skip: bool  # devices agree on the skip decision (a user's skip_fn)
+  accumulator_dtype: Any
+  axis_name: Any
+  axes: tuple[Hashable, ...]
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _init(cfg: _Config, params: Params) -> MultiStepsState:
+  gradient_step = jnp.zeros([], jnp.int32)
+  _, skip_state = cfg.skip_fn(optax.tree.zeros_like(params), gradient_step, params)
+  return MultiStepsState(
+      mini_step=jnp.zeros([], jnp.int32),
+      gradient_step=gradient_step,
+      inner_opt_state=cfg.inner.init(params),
+      acc_grads=jax.tree.map(
+          lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(cfg.accumulator_dtype, p.dtype)),
+          params),
+      acc_weight=jnp.zeros([], jnp.float32),
+      skip_state=skip_state,
+      updated=jnp.zeros([], jnp.bool_),
+  )
+
+
+def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
+            weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
+  """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
+  _checks.check_structure(updates, state.acc_grads)
+  _checks.check_axes_bound(cfg.axis_name, cfg.axes)
+  k = _checks.every_k(cfg.schedule, state.gradient_step)
+  skip, skip_state = cfg.skip_fn(updates, state.gradient_step, params)
+  skip = _checks.checked_skip(skip, cfg.axes if cfg.shared_skip else ())
+  w = (jnp.ones([], jnp.float32) if weight is None
+       else _dtypes.checked_weight(weight, "weight").astype(jnp.float32))
+  # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
+  w = jnp.where(skip, jnp.zeros_like(w), w)
+  acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
+                           state.acc_grads, updates)
+  acc_weight = state.acc_weight + w
+  mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
+  emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
+
+  def inner_update(grads, inner_state):
+    return cfg.inner.update(optax.tree.cast_like(grads, updates), inner_state, params,
+                            **extra_args)
+
+  new_updates, inner_state, (acc_grads, acc_weight) = _cycle_end(
+      cfg, k, emit, inner_update, acc_grads, acc_weight, state.inner_opt_state)
+  new_state = MultiStepsState(
+      mini_step=jnp.where(emit, jnp.zeros_like(mini_step), mini_step),
+      gradient_step=jnp.where(
+          emit, optax.safe_increment(state.gradient_step), state.gradient_step),
+      inner_opt_state=inner_state,
+      acc_grads=acc_grads,
+      acc_weight=acc_weight,
+      skip_state=skip_state,
+      updated=emit,
+  )
+  return new_updates, new_state
+
+
+def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callable,
+               acc_grads: Any, acc_weight: jax.Array, inner_state: Any):
+  """Where ``emit``: the inner update of the cycle's gradient, and empty sums.
+
+  Elsewhere zero updates (of the inner update's dtypes) and the sums as they are.
+  """
+  axes = cfg.axes
+
+  def finish_cycle(acc_grads, acc_weight, inner_state):
+    with jax.named_scope("jaxaccum/multi_steps_update"):
+      acc_grads, acc_weight = _collectives.psum((acc_grads, acc_weight), axes)
+      if cfg.use_grad_mean:
+        acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
+      # A schedule value the cycle cannot honour (k < 1) makes it NaN.
+      acc_grads = jax.tree.map(
+          lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
+      new_updates, new_state = inner_update(acc_grads, inner_state)
+      zeros = optax.tree.zeros_like(acc_grads)
+      return (new_updates, _cast_like_state(new_state, inner_state),
+              _collectives.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
+
+  def continue_cycle(acc_grads, acc_weight, inner_state):
+    shapes = jax.eval_shape(inner_update, acc_grads, inner_state)[0]
+    zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return (zero_updates, inner_state,
+            _collectives.to_varying((acc_grads, acc_weight), axes))
+
+  return lax.cond(emit, finish_cycle, continue_cycle, acc_grads, acc_weight, inner_state)
 
 
 def has_updated(state: MultiStepsState) -> jax.Array:
-  """Whether the last call of a :func:`jaxaccum.multi_steps` ended a cycle.
+  """Whether the last call of a :func:`jaxaccum.multi_steps` ran the inner optimizer.
+
+  ``True`` right after a call that ended a cycle; ``False`` after a call that
+  ``should_skip_update_fn`` skipped, even if the call before it ended a cycle.
+  (``optax.MultiSteps.has_updated`` reads ``mini_step == 0 and gradient_step >
+  0``, which is also true after such a skipped call; a state without the
+  ``updated`` field, such as ``optax.MultiStepsState``, is read that way.)
 
   Args:
     state: the state returned by that call.
 
   Returns:
-    A boolean scalar array: ``True`` right after the inner optimizer ran.
+    A boolean scalar array.
 
   Example:
 
@@ -220,4 +352,17 @@ def has_updated(state: MultiStepsState) -> jax.Array:
     >>> bool(jaxaccum.has_updated(opt.init(jnp.zeros(2))))
     False
   """
-  return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+  updated = getattr(state, "updated", None)
+  if updated is None:
+    return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+  return jnp.asarray(updated, jnp.bool_)
+
+
+def _cast_like_state(new: Any, old: Any) -> Any:
+  """The new inner state in the old one's dtypes, so both cond branches agree."""
+  def cast(n, o):
+    if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
+      return jnp.asarray(n).astype(o.dtype)
+    return n
+
+  return jax.tree.map(cast, new, old)

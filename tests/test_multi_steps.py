@@ -4,6 +4,8 @@ References are the inner optimizer fed the full-batch gradient, a Python loop,
 and ``optax.MultiSteps``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,9 +334,15 @@ def test_bf16_gradients_float32_accumulator():
   assert errs[jnp.bfloat16] > 4 * errs[jnp.float32], errs
 
 
-@pytest.mark.parametrize("k", [0, -1, True])
+@pytest.mark.parametrize("k", [0, -1, np.int64(0)])
 def test_invalid_every_k(k):
-  with pytest.raises(ValueError, match=f"every_k_schedule={k}"):
+  with pytest.raises(ValueError, match=re.escape(f"every_k_schedule={k!r}")):
+    jaxaccum.multi_steps(optax.sgd(1.0), k)
+
+
+@pytest.mark.parametrize("k", [True, 2.0, np.float32(4), "4", None, jnp.ones(2, jnp.int32)])
+def test_every_k_of_a_wrong_type(k):
+  with pytest.raises(TypeError, match="every_k_schedule="):
     jaxaccum.multi_steps(optax.sgd(1.0), k)
 
 
@@ -347,3 +355,219 @@ def test_float64_gradients_keep_their_precision():
       updates, state = opt.update(jnp.float64(1 + 1e-12), state, params)
     assert updates.dtype == jnp.float64
     assert float(updates) == -(1 + 1e-12)
+
+
+# --- optax.MultiSteps drop-in -------------------------------------------------
+
+
+def test_is_a_gradient_transformation_with_the_methods_of_optax_multisteps():
+  inner = optax.sgd(0.1, momentum=0.9)
+  ms = jaxaccum.multi_steps(inner, 2, False, optax.skip_not_finite)  # optax's order
+  assert isinstance(ms, optax.GradientTransformationExtraArgs)
+  assert isinstance(ms, optax.GradientTransformation)
+  assert ms.inner_opt is inner
+  init, update = ms
+  assert (init, update) == (ms.init, ms.update)
+  tx = ms.gradient_transformation()
+  assert isinstance(tx, optax.GradientTransformation)
+  state = tx.init(_params())
+  flags = []
+  for g in _random_grads(2):
+    updates, state = tx.update(g, state)
+    flags.append(bool(ms.has_updated(state)))
+  assert flags == [False, True]
+  # use_grad_mean=False, given positionally: the sum.
+  grads = _random_grads(2)
+  assert_rel_close(updates, jax.tree.map(lambda a, b: -0.1 * (a + b), *grads), 1e-6)
+
+
+def test_usable_in_optax_chain():
+  ms = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  tx = optax.chain(optax.scale(2.0), ms)
+  state = tx.init(_params())
+  grads = _random_grads(2)
+  for g in grads:
+    updates, state = jax.jit(tx.update)(g, state)
+  assert_rel_close(updates, jax.tree.map(lambda a, b: -(a + b), *grads), 1e-6)
+  assert ms.gradient_transformation().init(_params()) is not None
+  chained = optax.chain(ms.gradient_transformation(), optax.scale(1.0))
+  assert chained.init(_params())[0].mini_step == 0
+
+
+def test_usable_as_flax_train_state_tx_and_nnx_optimizer():
+  from flax import nnx
+  from flax.training import train_state
+
+  ms = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  grads = _random_grads(2)
+  state = train_state.TrainState.create(apply_fn=None, params=_params(), tx=ms)
+  step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  for g in grads:
+    state = step(state, g)
+  expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, _params(), *grads)
+  assert_rel_close(state.params, expected, 1e-6)
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ms, wrt=nnx.Param)
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  g = jax.tree.map(jnp.ones_like, before)
+  for _ in range(2):
+    optimizer.update(model, g)
+  after = nnx.state(model, nnx.Param)
+  assert_rel_close(after, jax.tree.map(lambda p: p - 1.0, before), 1e-6)
+
+
+def test_numpy_integer_every_k_schedule():
+  ms = jaxaccum.multi_steps(optax.sgd(1.0), np.int64(2))
+  state = ms.init(_params())
+  for g in _random_grads(2):
+    _, state = ms.update(g, state)
+  assert ms.has_updated(state)
+
+
+@pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum"])
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float16])
+def test_mixed_precision_equals_optax_multisteps(inner_name, param_dtype):
+  # Inner states that follow the parameter dtype, gradients in float32.
+  inner = standard_promotion({"adam": optax.adam(0.1),
+                              "sgd_momentum": optax.sgd(0.1, momentum=0.9)}[inner_name])
+  params = jax.tree.map(lambda p: p.astype(param_dtype), _params())
+  ours = jaxaccum.multi_steps(inner, 2)
+  theirs = _optax_multisteps(inner, 2)
+  s1, s2 = ours.init(params), theirs.init(params)
+  up1, up2 = jax.jit(ours.update), jax.jit(theirs.update)
+  for g in _random_grads(6):
+    u1, s1 = up1(g, s1, params)
+    u2, s2 = up2(g, s2, params)
+    assert jax.tree.map(lambda x: x.dtype, u1) == jax.tree.map(lambda x: x.dtype, u2)
+    assert_rel_close(u1, u2, 1e-6)
+  dtypes = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: x.dtype, tree))
+  assert dtypes(s1.inner_opt_state) == dtypes(ours.init(params).inner_opt_state)
+  assert_rel_close(s1.inner_opt_state, s2.inner_opt_state, 1e-6)
+
+
+def test_resume_from_a_mid_cycle_optax_multisteps_state():
+  inner = optax.sgd(0.1, momentum=0.9)
+  ours = jaxaccum.multi_steps(inner, 3)
+  theirs = _optax_multisteps(inner, 3)
+  grads = _random_grads(8)
+  s2 = theirs.init(_params())
+  for g in grads[:4]:  # a cycle and one call of the next
+    _, s2 = theirs.update(g, s2)
+  assert int(s2.mini_step) == 1
+  s1 = ours.state_from_optax(s2)
+  assert jax.tree.structure(s1) == jax.tree.structure(ours.init(_params()))
+  dtypes = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: jnp.asarray(x).dtype, tree))
+  assert dtypes(s1) == dtypes(ours.init(_params()))
+  for g in grads[4:]:
+    u1, s1 = jax.jit(ours.update)(g, s1)
+    u2, s2 = theirs.update(g, s2)
+    assert_rel_close(u1, u2, 1e-6)
+    assert bool(ours.has_updated(s1)) == bool(optax.MultiSteps.has_updated(None, s2))
+  assert int(s1.gradient_step) == int(s2.gradient_step) == 2
+
+
+# --- no silent wrong numbers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, -0.5])
+@pytest.mark.parametrize("use_grad_mean", [True, False])
+def test_weight_it_cannot_honour_gives_nan_updates(bad, use_grad_mean):
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 3, use_grad_mean=use_grad_mean)
+  state = opt.init(_params())
+  update = jax.jit(opt.update)
+  for g, w in zip(_random_grads(3), [1.0, bad, 2.0]):
+    updates, state = update(g, state, weight=jnp.float32(w))
+  assert opt.has_updated(state)
+  assert all(np.all(np.isnan(u)) for u in jax.tree.leaves(updates))
+  # The next cycle starts clean.
+  for g in _random_grads(3, seed=1):
+    updates, state = update(g, state, weight=jnp.float32(1.0))
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_non_scalar_weight_is_an_error():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  with pytest.raises(ValueError, match=r"weight must be a scalar, got shape \(3,\)"):
+    opt.update(_random_grads(1)[0], opt.init(_params()), weight=jnp.ones(3))
+
+
+@pytest.mark.parametrize("dtype, error", [(jnp.int32, ValueError), ("foo", TypeError),
+                                          (jnp.bool_, ValueError)])
+def test_bad_accumulator_dtype_is_rejected_at_construction(dtype, error):
+  with pytest.raises(error, match="accumulator_dtype="):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, accumulator_dtype=dtype)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"use_grad_mean": "yes"}, "use_grad_mean='yes'"),
+    ({"should_skip_update_fn": 3}, "should_skip_update_fn=3 is not callable"),
+    ({"axis_name": {"a": 1}}, "axis_name="),
+])
+def test_bad_options_are_type_errors(options, match):
+  with pytest.raises(TypeError, match=match):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, **options)
+
+
+def test_uncalled_optimizer_is_a_type_error():
+  with pytest.raises(TypeError, match=r"optax.adam\(1e-3\), not optax.adam"):
+    jaxaccum.multi_steps(optax.adam, 2)
+
+
+def test_axis_name_outside_pmap_is_a_clear_error():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 2, axis_name="data")
+  with pytest.raises(ValueError, match="axis_name='data' is not bound"):
+    jax.jit(opt.update)(_random_grads(1)[0], opt.init(_params()))
+
+
+def test_schedule_returning_a_float_is_a_type_error():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), lambda step: 2.7)
+  with pytest.raises(TypeError, match="every_k_schedule returned 2.7"):
+    opt.update(_random_grads(1)[0], opt.init(_params()))
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), lambda step: jnp.where(step < 1, 2.0, 3.0))
+  with pytest.raises(TypeError, match="must return an integer"):
+    jax.jit(opt.update)(_random_grads(1)[0], opt.init(_params()))
+
+
+@pytest.mark.parametrize("k", [0, -2])
+def test_schedule_returning_a_static_value_below_one_is_an_error(k):
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), lambda step: k)
+  with pytest.raises(ValueError, match=f"every_k_schedule returned {k}"):
+    jax.jit(opt.update)(_random_grads(1)[0], opt.init(_params()))
+
+
+def test_schedule_returning_a_traced_value_below_one_gives_nan_updates():
+  # Two regular cycles of 2 calls, then k = 0.
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), lambda step: jnp.where(step < 2, 2, 0))
+  state = opt.init(_params())
+  update = jax.jit(opt.update)
+  for call, g in enumerate(_random_grads(5)):
+    updates, state = update(g, state)
+    finite = all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    assert finite == (call < 4), call
+  assert opt.has_updated(state)
+
+
+def test_has_updated_is_false_after_a_skipped_call_that_follows_a_cycle_end():
+  inner = optax.sgd(1.0)
+  ours = jaxaccum.multi_steps(inner, 2, should_skip_update_fn=optax.skip_not_finite)
+  theirs = _optax_multisteps(inner, 2, should_skip_update_fn=optax.skip_not_finite)
+  good = _random_grads(2)
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), good[0])
+  s1, s2 = ours.init(_params()), theirs.init(_params())
+  flags = []
+  for g in [good[0], good[1], nan]:
+    u1, s1 = jax.jit(ours.update)(g, s1)
+    _, s2 = theirs.update(g, s2)
+    flags.append((bool(ours.has_updated(s1)), bool(optax.MultiSteps.has_updated(None, s2))))
+  assert _zero(u1)
+  # optax.MultiSteps still says True after the skipped call; jaxaccum says False.
+  assert flags == [(False, False), (True, True), (False, True)]
+  assert int(s1.mini_step) == 0 and int(s1.gradient_step) == 1
+
+
+def test_gradients_of_another_structure_are_a_clear_error():
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  state = opt.init(jnp.zeros(3))
+  with pytest.raises(ValueError, match="structure of the parameters"):
+    opt.update({"a": jnp.ones(3)}, state)

@@ -232,7 +232,7 @@ def _local_state_spec(axis):
   """shard_map specs of a MultiStepsState: the accumulators are per device."""
   return jaxaccum.MultiStepsState(
       mini_step=P(), gradient_step=P(), inner_opt_state=P(), acc_grads=P(axis),
-      acc_weight=P(axis), skip_state=P())
+      acc_weight=P(axis), skip_state=P(), updated=P())
 
 
 def test_multi_steps_under_shard_map():

@@ -1,0 +1,371 @@
+"""Flax Linen adapters: weighted cycles through ``TrainState``, fp16 loss scaling.
+
+- :class:`TrainState`: ``flax.training.train_state.TrainState`` whose
+  ``apply_gradients`` takes ``weight=`` (the weight of this call's gradient in
+  a :func:`jaxaccum.multi_steps` cycle, e.g. its number of tokens) and which
+  reads the number of optimizer steps (:attr:`TrainState.optimizer_step`).
+- Dynamic loss scaling with ``flax.training.dynamic_scale.DynamicScale``, with
+  one finiteness decision and one scale adjustment per accumulation cycle:
+  :func:`dynamic_scale_value_and_grad` (micro-batches in one step) and
+  :func:`scaled_value_and_grad` with :func:`apply_scaled_gradients` (across
+  steps).
+
+This module imports flax; ``import jaxaccum`` does not (``jaxaccum.linen`` is
+imported on first use).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
+
+from jaxaccum._accumulate import value_and_grad as _value_and_grad
+from jaxaccum._multi_steps import MultiStepsState, has_updated
+
+__all__ = [
+    "TrainState",
+    "apply_scaled_gradients",
+    "dynamic_scale_value_and_grad",
+    "scaled_value_and_grad",
+    "update_dynamic_scale",
+]
+
+
+def _is_multi_steps_state(x: Any) -> bool:
+  return isinstance(x, MultiStepsState)
+
+
+def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
+  """The (first) :class:`jaxaccum.MultiStepsState` inside ``opt_state``, if any."""
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_multi_steps_state):
+    if _is_multi_steps_state(node):
+      return node
+  return None
+
+
+def _tx_update(state: train_state.TrainState, grads: Any, weight: Any) -> tuple[Any, Any]:
+  """``state.tx.update`` of ``grads``, with ``weight`` when one is given."""
+  kwargs = {} if weight is None else {"weight": weight}
+  return state.tx.update(grads, state.opt_state, state.params, **kwargs)
+
+
+class TrainState(train_state.TrainState):
+  """A Flax Linen ``TrainState`` that passes a gradient weight to ``tx``.
+
+  With ``tx=jaxaccum.multi_steps(...)``, ``apply_gradients(grads=g,
+  weight=n)`` makes each optimizer step use the weighted mean of its calls'
+  gradients: with ``n`` the number of non-padding tokens of the call's batch
+  and a token-mean loss, exactly the token mean over the whole cycle (an
+  unweighted mean of per-call means is not). Only the creation changes
+  (``jaxaccum.linen.TrainState.create`` for
+  ``flax.training.train_state.TrainState.create``) and the step passes
+  ``weight=``.
+
+  ``step`` counts ``apply_gradients`` calls, as in Flax; with
+  ``multi_steps`` that is ``k`` times the number of optimizer steps, which
+  :attr:`optimizer_step` gives (learning-rate schedules inside ``tx`` already
+  advance once per optimizer step).
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax, jaxaccum
+    >>> state = jaxaccum.linen.TrainState.create(
+    ...     apply_fn=None, params={"w": jnp.zeros(2)},
+    ...     tx=jaxaccum.multi_steps(optax.sgd(1.0), every_k_schedule=2))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([1.0, 1.0])}, weight=3.0)
+    >>> state = state.apply_gradients(grads={"w": jnp.array([5.0, 5.0])}, weight=1.0)
+    >>> state.params["w"]  # -(3 * 1 + 1 * 5) / 4
+    Array([-2., -2.], dtype=float32)
+    >>> int(state.step), int(state.optimizer_step)
+    (2, 1)
+  """
+
+  def apply_gradients(self, *, grads: Any, weight: jax.typing.ArrayLike | None = None,
+                      **kwargs: Any) -> TrainState:
+    """Like Flax's ``apply_gradients``; ``weight`` goes to ``tx.update``.
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      weight: the weight of these gradients in the accumulation cycle (a
+        non-negative scalar); ``None``: no ``weight`` is passed, so any
+        ``tx`` works.
+      **kwargs: other fields to replace, as in Flax.
+
+    Returns:
+      The new state, ``step`` incremented by one.
+    """
+    if weight is None:
+      return super().apply_gradients(grads=grads, **kwargs)
+    # Flax's own apply_gradients, with a tx whose update receives the weight.
+    tx = self.tx
+    weighted = optax.GradientTransformationExtraArgs(
+        tx.init, functools.partial(tx.update, weight=weight))
+    new_state = super(TrainState, self.replace(tx=weighted)).apply_gradients(
+        grads=grads, **kwargs)
+    return new_state.replace(tx=tx)
+
+  @property
+  def optimizer_step(self) -> jax.Array:
+    """Optimizer steps taken: ``gradient_step`` of the ``multi_steps`` state.
+
+    Without a :func:`jaxaccum.multi_steps` in ``tx``, every call is an
+    optimizer step and this is ``step``.
+    """
+    ms_state = _multi_steps_state(self.opt_state)
+    return jnp.asarray(self.step if ms_state is None else ms_state.gradient_step)
+
+
+def update_dynamic_scale(dynamic_scale: DynamicScale, finite: jax.typing.ArrayLike
+                         ) -> DynamicScale:
+  """One adjustment of a ``DynamicScale``, by the rule of its ``value_and_grad``.
+
+  Grows the scale by ``growth_factor`` after ``growth_interval`` finite
+  decisions in a row, lowers it by ``backoff_factor`` (not below
+  ``minimum_scale``) after a non-finite one.
+
+  Args:
+    dynamic_scale: the current ``flax.training.dynamic_scale.DynamicScale``.
+    finite: whether the gradients of this decision were finite.
+
+  Returns:
+    The adjusted ``DynamicScale``.
+
+  Example:
+
+    >>> from flax.training.dynamic_scale import DynamicScale
+    >>> import jaxaccum.linen
+    >>> float(jaxaccum.linen.update_dynamic_scale(DynamicScale(), False).scale)
+    32768.0
+  """
+  ds = dynamic_scale
+  finite = jnp.asarray(finite, jnp.bool_)
+  grow = ds.fin_steps == ds.growth_interval
+  fin_scale = jnp.where(
+      grow & finite,
+      jnp.minimum(ds.scale * ds.growth_factor, jnp.finfo(jnp.float32).max), ds.scale)
+  inf_scale = ds.scale * ds.backoff_factor
+  if ds.minimum_scale is not None:
+    inf_scale = jnp.maximum(inf_scale, ds.minimum_scale)
+  new_scale = jnp.where(finite, fin_scale, inf_scale)
+  new_fin_steps = jnp.where(grow | ~finite, 0, ds.fin_steps + 1)
+  return ds.replace(fin_steps=new_fin_steps, scale=new_scale)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  finite = jnp.array(True)
+  for leaf in jax.tree.leaves(tree):
+    finite &= jnp.all(jnp.isfinite(leaf))
+  return finite
+
+
+def _check_dynamic_scale(dynamic_scale: Any) -> None:
+  if not isinstance(dynamic_scale, DynamicScale):
+    raise TypeError(f"dynamic_scale={dynamic_scale!r} is not a "
+                    "flax.training.dynamic_scale.DynamicScale")
+
+
+def scaled_value_and_grad(
+    dynamic_scale: DynamicScale,
+    fun: Callable[..., Any],
+    *,
+    num_microbatches: int = 1,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    **options: Any,
+) -> Callable[..., tuple[Any, Any]]:
+  """Value and float32 gradients of ``fun`` computed with the loss scaled.
+
+  The loss is multiplied by ``dynamic_scale.scale`` (divided by
+  ``num_microbatches`` with the default ``reduction="mean"``, so each
+  micro-batch's backward pass holds values of the size the full batch's would)
+  and the gradients are divided by the same factor, in float32. Nothing is
+  decided here: the gradients may hold infinities or NaN and the scale is left
+  as it is. Across steps, give them to :func:`apply_scaled_gradients`, which
+  decides once per cycle; in one step, :func:`dynamic_scale_value_and_grad`
+  decides after the micro-batches.
+
+  Args:
+    dynamic_scale: a ``flax.training.dynamic_scale.DynamicScale``.
+    fun: the loss, as for :func:`jaxaccum.value_and_grad`.
+    num_microbatches: micro-batches in this call (``1``: no loop).
+    argnums: as for :func:`jax.value_and_grad`.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    **options: further options of :func:`jaxaccum.value_and_grad`
+      (``batch_argnums``, ``weight_fn``, ``axis_name``, ...; not
+      ``microbatch_size``: the scale is divided by ``num_microbatches``).
+
+  Returns:
+    A function with the arguments of ``fun`` returning ``(value, grads)`` (or
+    ``((value, aux), grads)``), unscaled.
+
+  Example:
+
+    >>> import jax.numpy as jnp, jaxaccum.linen
+    >>> from flax.training.dynamic_scale import DynamicScale
+    >>> loss = lambda w, x: jnp.mean((x * w) ** 2)
+    >>> fn = jaxaccum.linen.scaled_value_and_grad(DynamicScale(), loss, num_microbatches=2)
+    >>> value, grads = fn(jnp.float32(3.0), jnp.arange(4.0))
+    >>> float(value), float(grads)
+    (31.5, 21.0)
+  """
+  _check_dynamic_scale(dynamic_scale)
+  if "microbatch_size" in options:
+    raise TypeError("scaled_value_and_grad takes num_microbatches, not microbatch_size "
+                    "(the loss scale is divided by the number of micro-batches)")
+
+  def scaled(*args, **kwargs):
+    *args, factor = args
+    out = fun(*args, **kwargs)
+    loss, aux = out if has_aux else (out, None)
+    # The scale multiplies the loss as DynamicScale.value_and_grad does: a
+    # weakly typed scale keeps the loss dtype, a float32 one promotes it.
+    with jax.numpy_dtype_promotion("standard"):
+      loss = factor * loss
+    return (loss, aux) if has_aux else loss
+
+  vg = _value_and_grad(scaled, num_microbatches=num_microbatches, argnums=argnums,
+                       has_aux=has_aux, **options)
+  per_microbatch = options.get("reduction", "mean") == "mean"
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    factor = dynamic_scale.scale / num_microbatches if per_microbatch else dynamic_scale.scale
+    out, grads = vg(*args, factor, **kwargs)
+    with jax.numpy_dtype_promotion("standard"):
+      value = (out[0] if has_aux else out) / factor
+      grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32) / factor, grads)
+    return ((value, out[1]) if has_aux else value), grads
+
+  return wrapped
+
+
+def dynamic_scale_value_and_grad(
+    dynamic_scale: DynamicScale,
+    fun: Callable[..., Any],
+    *,
+    num_microbatches: int,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    **options: Any,
+) -> Callable[..., DynamicScaleResult]:
+  """``DynamicScale.value_and_grad`` over micro-batches: one decision per step.
+
+  Computes :func:`scaled_value_and_grad` over ``num_microbatches``
+  micro-batches, then, once, checks that the accumulated gradients are finite
+  and adjusts the scale (:func:`update_dynamic_scale`): an overflow in any
+  micro-batch makes the step non-finite and lowers the scale once. The result
+  is what ``dynamic_scale.value_and_grad(fun, argnums, has_aux)`` returns on
+  the whole batch; apply it as Flax's examples do (keep the old parameters
+  and optimizer state where ``is_fin`` is false).
+
+  Args:
+    dynamic_scale: a ``flax.training.dynamic_scale.DynamicScale``.
+    fun: the loss, as for :func:`jaxaccum.value_and_grad`.
+    num_microbatches: the number of micro-batches.
+    argnums: as for :func:`jax.value_and_grad`.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    **options: further options of :func:`jaxaccum.value_and_grad`
+      (``axis_name`` averages the gradients across devices, as
+      ``DynamicScale.value_and_grad``'s does).
+
+  Returns:
+    A function with the arguments of ``fun`` returning a
+    ``DynamicScaleResult(dynamic_scale, finite, aux, grad)``.
+
+  Example:
+
+    >>> import jax.numpy as jnp, jaxaccum.linen
+    >>> from flax.training.dynamic_scale import DynamicScale
+    >>> loss = lambda w, x: jnp.mean((x * w) ** 2)
+    >>> fn = jaxaccum.linen.dynamic_scale_value_and_grad(DynamicScale(), loss, num_microbatches=2)
+    >>> ds, is_fin, value, grads = fn(jnp.float32(3.0), jnp.arange(4.0))
+    >>> bool(is_fin), float(grads), int(ds.fin_steps)
+    (True, 21.0, 1)
+  """
+  vg = scaled_value_and_grad(dynamic_scale, fun, num_microbatches=num_microbatches,
+                             argnums=argnums, has_aux=has_aux, **options)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    value, grads = vg(*args, **kwargs)
+    finite = _all_finite(grads)
+    return DynamicScaleResult(update_dynamic_scale(dynamic_scale, finite), finite, value, grads)
+
+  return wrapped
+
+
+def apply_scaled_gradients(
+    state: train_state.TrainState,
+    *,
+    grads: Any,
+    dynamic_scale: DynamicScale,
+    weight: jax.typing.ArrayLike | None = None,
+    **kwargs: Any,
+) -> tuple[train_state.TrainState, DynamicScale, jax.Array]:
+  """``apply_gradients`` with one loss-scale decision per accumulation cycle.
+
+  For ``tx=jaxaccum.multi_steps(...)`` and gradients from
+  :func:`scaled_value_and_grad`. An overflow in any call of a cycle makes the
+  cycle's accumulated gradient, hence its update, non-finite; on the cycle's
+  last call (when the inner optimizer ran) the update is checked once: if it
+  is not finite, the parameters, the inner optimizer state and
+  ``gradient_step`` stay as they were (the accumulators are emptied for the
+  next cycle), and the scale is lowered; if it is finite, it is applied and
+  the scale may grow. Calls within a cycle leave the scale alone. Without a
+  ``multi_steps`` in ``tx`` every call is a cycle: Flax's own
+  ``DynamicScale`` step.
+
+  Args:
+    state: a Flax Linen ``TrainState``.
+    grads: this call's unscaled gradients.
+    dynamic_scale: the ``DynamicScale`` the gradients were computed with.
+    weight: as for :meth:`jaxaccum.linen.TrainState.apply_gradients`.
+    **kwargs: other fields of ``state`` to replace.
+
+  Returns:
+    ``(new_state, new_dynamic_scale, is_fin)``; ``is_fin`` is false only on the
+    last call of a cycle that was not applied.
+
+  Example:
+
+    >>> import jax.numpy as jnp, optax, jaxaccum, jaxaccum.linen
+    >>> from flax.training.dynamic_scale import DynamicScale
+    >>> state = jaxaccum.linen.TrainState.create(
+    ...     apply_fn=None, params=jnp.zeros(2), tx=jaxaccum.multi_steps(optax.sgd(1.0), 2))
+    >>> ds = DynamicScale()
+    >>> for g in [jnp.array([jnp.inf, 1.0]), jnp.array([1.0, 1.0])]:  # an overflow, then not
+    ...   state, ds, is_fin = jaxaccum.linen.apply_scaled_gradients(
+    ...       state, grads=g, dynamic_scale=ds)
+    >>> state.params, bool(is_fin), float(ds.scale)  # the cycle skipped, the scale halved
+    (Array([0., 0.], dtype=float32), False, 32768.0)
+  """
+  _check_dynamic_scale(dynamic_scale)
+  updates, opt_state = _tx_update(state, grads, weight)
+  ms_state = _multi_steps_state(opt_state)
+  decided = jnp.array(True) if ms_state is None else has_updated(ms_state)
+  finite = _all_finite(updates)
+  keep = jnp.logical_or(jnp.logical_not(decided), finite)
+  where = lambda new, old: jax.tree.map(functools.partial(jnp.where, keep), new, old)
+  params = where(optax.apply_updates(state.params, updates), state.params)
+  if ms_state is None:
+    opt_state = where(opt_state, state.opt_state)
+  else:
+    def restore(new, old):
+      if not _is_multi_steps_state(new):
+        return new
+      return new._replace(inner_opt_state=where(new.inner_opt_state, old.inner_opt_state),
+                          gradient_step=where(new.gradient_step, old.gradient_step),
+                          updated=jnp.logical_and(new.updated, keep))
+
+    opt_state = jax.tree.map(restore, opt_state, state.opt_state, is_leaf=_is_multi_steps_state)
+  adjusted = update_dynamic_scale(dynamic_scale, finite)
+  new_scale = jax.tree.map(functools.partial(jnp.where, decided), adjusted, dynamic_scale)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, **kwargs)
+  return new_state, new_scale, keep
