@@ -123,8 +123,14 @@ def value_and_grad(
     mesh: the mesh for ``data_axis`` (default: the ambient mesh).
     state_policy: for :class:`flax.nnx.BatchStat` variables: ``"sequential"``
       (micro-batch ``i`` sees the statistics left by ``i - 1``, as ``N`` small
-      forward passes) or ``"mean"`` (every micro-batch starts from the input
-      statistics; the module gets the mean of the ``N`` updated ones).
+      forward passes: with momentum ``m`` the running averages move about
+      ``(1 - m**N) / (1 - m)`` times as far per step as with the full batch)
+      or ``"mean"`` (every micro-batch starts from the input statistics; the
+      module gets the mean of the ``N`` updated ones, which move as far as
+      with the full batch). Neither gives the full batch's running averages:
+      each micro-batch is normalized with its own statistics, so ``"mean"``
+      matches the full batch's running mean in the first BatchNorm layer only,
+      as :func:`jaxaccum.value_and_grad` details.
     with_stats: also return a :class:`jaxaccum.AccumulationStats`: the result
       becomes ``(result, stats)``.
     skip_nonfinite: leave out every micro-batch whose loss or gradients are
