@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxaccum import _collectives, _dtypes
+from jaxaccum import _dtypes, _sharded
 from jaxaccum import _multi_steps_checks as _checks
 
 Params = Any
@@ -310,7 +310,8 @@ def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callab
 
   def finish_cycle(acc_grads, acc_weight, inner_state):
     with jax.named_scope("jaxaccum/multi_steps_update"):
-      acc_grads, acc_weight = _collectives.psum((acc_grads, acc_weight), axes)
+      if axes:
+        acc_grads, acc_weight = lax.psum((acc_grads, acc_weight), axes)
       if cfg.use_grad_mean:
         acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
       # A schedule value the cycle cannot honour (k < 1) makes it NaN.
@@ -319,13 +320,13 @@ def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callab
       new_updates, new_state = inner_update(acc_grads, inner_state)
       zeros = optax.tree.zeros_like(acc_grads)
       return (new_updates, _cast_like_state(new_state, inner_state),
-              _collectives.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
+              _sharded.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
 
   def continue_cycle(acc_grads, acc_weight, inner_state):
     shapes = jax.eval_shape(inner_update, acc_grads, inner_state)[0]
     zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return (zero_updates, inner_state,
-            _collectives.to_varying((acc_grads, acc_weight), axes))
+            _sharded.to_varying((acc_grads, acc_weight), axes))
 
   return lax.cond(emit, finish_cycle, continue_cycle, acc_grads, acc_weight, inner_state)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxaccum import _collectives
+from jaxaccum import _options, _sharded
 
 Updates = Any
 
@@ -86,7 +86,7 @@ def checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
   if axes:
     # Devices must agree, or only some would enter the cycle's all-reduce:
     # a call skipped on any device is skipped on all of them.
-    skip = lax.pmax(_collectives.to_varying(skip.astype(jnp.int32), axes), axes) > 0
+    skip = lax.pmax(_sharded.to_varying(skip.astype(jnp.int32), axes), axes) > 0
   return skip
 
 
@@ -100,11 +100,7 @@ def check_structure(updates: Updates, acc_grads: Any) -> None:
 
 
 def axes_of(axis_name: Any) -> tuple[Hashable, ...]:
-  axes = _collectives.axes_of(axis_name)
-  if not all(isinstance(a, Hashable) for a in axes):
-    raise TypeError(f"{axis_name=} must be a mesh axis name (a string), a tuple of "
-                    "them, or None")
-  return axes
+  return _options.axes_of("axis_name", axis_name)
 
 
 def check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:

@@ -12,6 +12,17 @@
 
 This module imports flax; ``import jaxaccum`` does not (``jaxaccum.linen`` is
 imported on first use).
+
+Example:
+
+  >>> import jax.numpy as jnp, optax, jaxaccum
+  >>> state = jaxaccum.linen.TrainState.create(
+  ...     apply_fn=None, params={"w": jnp.zeros(2)},
+  ...     tx=jaxaccum.multi_steps(optax.sgd(1.0), every_k_schedule=2))
+  >>> state = state.apply_gradients(grads={"w": jnp.array([1.0, 1.0])}, weight=3.0)
+  >>> state = state.apply_gradients(grads={"w": jnp.array([5.0, 5.0])}, weight=1.0)
+  >>> state.params["w"].tolist(), int(state.step), int(state.optimizer_step)
+  ([-2.0, -2.0], 2, 1)
 """
 
 from __future__ import annotations
