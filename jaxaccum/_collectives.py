@@ -17,6 +17,8 @@ from typing import Any
 import jax
 from jax import lax
 
+from jaxaccum import _compat
+
 PyTree = Any
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -45,7 +47,7 @@ def to_varying(tree: PyTree, axes: tuple[Hashable, ...]) -> PyTree:
 
   def cast(x):
     missing = tuple(a for a in axes if a not in _varying_axes(x))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    return _compat.pcast_to_varying(x, missing) if missing else x
 
   return jax.tree.map(cast, tree)
 

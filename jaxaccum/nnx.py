@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxaccum import _accumulate, _collectives, _split
+from jaxaccum import _accumulate, _collectives, _compat, _split
 
 __all__ = ["grad", "value_and_grad"]
 
@@ -156,7 +156,7 @@ def value_and_grad(
             functools.partial(_fold_in, data=lax.axis_index(
                 axes if len(axes) > 1 else axes[0])), keys)
       # A copy, so the forward pass mutates fresh variables, not the caller's.
-      local = nnx.merge(graphdef, diff, stats, keys, frozen, rest, copy=True)
+      local = _compat.nnx_merge_copy(graphdef, diff, stats, keys, frozen, rest)
       out = f(local, *user_args, **pure_kwargs)
       _, _, new_stats, _, _, new_rest = nnx.split(local, *filters)
       loss, aux = out if has_aux else (out, ())

@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 
 import jaxaccum
+from jaxaccum import _compat
 from _models import (assert_rel_close, assert_trees_equal, mlp_batch, mlp_init,
                      mlp_loss, rel_error, standard_promotion)
 
@@ -338,7 +339,7 @@ def test_invalid_every_k(k):
 
 
 def test_float64_gradients_keep_their_precision():
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
     params = jnp.zeros([], jnp.float64)
     state = opt.init(params)
