@@ -21,6 +21,7 @@ Flax adapter calls, so the core stays free of flax.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 from collections.abc import Hashable
@@ -72,21 +73,31 @@ def has_reduced_specs() -> bool:
   True where the gradient of a parameter placed with ``reduced={axis}`` comes
   out ``unreduced`` over ``axis`` (its all-reduce deferred to a later
   ``reshard``): jax 0.8 on. Older jax builds such specs but rejects placing an
-  array with them (0.7.1) or reduces the gradient at once (0.7.2). A function,
-  not a constant, because the probe needs a device and initializing the
-  backend at import would come before ``jax.distributed.initialize``.
+  array with them (0.7.1) or reduces the gradient at once (0.7.2).
+
+  A function, not a constant: the probe needs a device, and initializing the
+  backend at import would come before ``jax.distributed.initialize``. It may be
+  called anywhere, under ``jax.jit`` or a mesh context too.
   """
+  # Its own thread: jax's trace and mesh contexts are per thread, so the
+  # caller's do not reach the probe.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    return pool.submit(_probe_reduced_specs).result()
+
+
+def _probe_reduced_specs() -> bool:
   mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Explicit,),
                        devices=jax.devices()[:1])
   reduced = NamedSharding(mesh, PartitionSpec(reduced={"x"}))
-  try:
-    jax.device_put(np.zeros((), np.float32), reduced)
-    w = jax.ShapeDtypeStruct((2,), np.float32, sharding=reduced)
-    x = jax.ShapeDtypeStruct((4, 2), np.float32,
-                             sharding=NamedSharding(mesh, PartitionSpec("x")))
-    grad = jax.eval_shape(jax.grad(lambda w, x: (x @ w).sum()), w, x)
-  except (TypeError, ValueError, NotImplementedError):
-    return False
+  with jax.set_mesh(mesh):
+    try:
+      jax.device_put(np.zeros((), np.float32), reduced)
+      w = jax.ShapeDtypeStruct((2,), np.float32, sharding=reduced)
+      x = jax.ShapeDtypeStruct((4, 2), np.float32,
+                               sharding=NamedSharding(mesh, PartitionSpec("x")))
+      grad = jax.eval_shape(jax.grad(lambda w, x: (x @ w).sum()), w, x)
+    except (TypeError, ValueError, NotImplementedError):
+      return False
   return "x" in grad.sharding.spec.unreduced
 
 

@@ -64,6 +64,18 @@ def test_has_reduced_specs_means_gradients_stay_unreduced():
   np.testing.assert_allclose(summed, data.sum(0))
 
 
+def test_has_reduced_specs_ignores_the_callers_context():
+  expected = _compat.has_reduced_specs()
+  mesh = jax.make_mesh((D,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+  _compat.has_reduced_specs.cache_clear()
+  with jax.set_mesh(mesh):
+    assert _compat.has_reduced_specs() == expected
+  _compat.has_reduced_specs.cache_clear()
+  seen = []
+  jax.jit(lambda x: seen.append(_compat.has_reduced_specs()) or x)(1.0)
+  assert seen == [expected]
+
+
 def test_deprecation_warnings_from_jaxaccum_fail_the_suite():
   # pyproject's filterwarnings turns them into errors for every jaxaccum module.
   with pytest.raises(DeprecationWarning):
