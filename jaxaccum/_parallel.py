@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxaccum import _sharded
+from jaxaccum import _compat, _sharded
 from jaxaccum._sharded import to_varying
 
 PyTree = Any
@@ -141,10 +141,11 @@ class DataAxis(Local):
     explicit = all(types[a] == jax.sharding.AxisType.Explicit for a in self.axes)
     specs = _specs(o, diff, explicit)
     first_error = None
-    if explicit and not (o.with_stats or o.skip_nonfinite):
+    if explicit and _compat.has_reduced_specs() and not (o.with_stats or o.skip_nonfinite):
       # Norms and finiteness checks of unreduced gradients are rejected, and
       # so is an elementwise op between a reduced parameter and a
-      # data-sharded array (a bias add): such losses run under shard_map.
+      # data-sharded array (a bias add): such losses run under shard_map, as
+      # everything does where this jax cannot defer a reduction this way.
       try:
         return loop(_sharded.ExplicitData(self.axes, o.fsdp_gather, specs, o.argnums_is_int),
                     args, kwargs)

@@ -36,6 +36,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxaccum import _compat
+
 PyTree = Any
 Axes = tuple[Hashable, ...]
 FSDP_GATHER = ("once", "per_microbatch")
@@ -291,6 +293,6 @@ def to_varying(tree: PyTree, axes: Axes) -> PyTree:
 
   def cast(x):
     missing = tuple(a for a in axes if a not in _varying_axes(x))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    return _compat.pcast_to_varying(x, missing) if missing else x
 
   return jax.tree.map(cast, tree)

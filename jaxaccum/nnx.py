@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax._src import traceback_util
 
-from jaxaccum import _accumulate, _parallel
+from jaxaccum import _accumulate, _compat, _parallel
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
 from jaxaccum._result import Layout
 
@@ -316,8 +316,8 @@ class _Accumulated:
       for k, i in enumerate(nodes):
         own = diff[diff_at.index(i)] if i in diff_at else nnx.State({})
         # A copy, so the forward pass mutates fresh variables, not the caller's.
-        user[i] = nnx.merge(graphdefs[k], own, stats[k], keys[k], frozen[k], rest[k],
-                            copy=True)
+        user[i] = _compat.nnx_merge_copy(graphdefs[k], own, stats[k], keys[k], frozen[k],
+                                         rest[k])
       out = f(*user, **kwargs)
       new = [nnx.split(user[i], *self._filters(i)) for i in nodes]
       loss, aux = out if options.has_aux else (out, ())

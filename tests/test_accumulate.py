@@ -15,6 +15,7 @@ import pytest
 from jax import lax
 
 import jaxaccum
+from jaxaccum import _compat
 from _models import (assert_rel_close, assert_trees_equal, mlp_batch, mlp_init,
                      mlp_loss, num_tokens, rel_error, token_batch, transformer_init,
                      transformer_loss)
@@ -535,7 +536,7 @@ def test_float64_gradients_are_summed_in_float64():
   def loss(w, x):
     return jnp.mean(jnp.sin(x * w) ** 2)
 
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     w = jnp.float64(1.2345678901234567)
     x = jnp.linspace(0.0, 3.0, 8, dtype=jnp.float64)
     assert_trees_equal(jaxaccum.value_and_grad(loss, num_microbatches=1)(w, x),

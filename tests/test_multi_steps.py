@@ -14,6 +14,7 @@ import pytest
 from jax import lax
 
 import jaxaccum
+from jaxaccum import _compat
 from _models import (assert_rel_close, assert_trees_equal, mlp_batch, mlp_init,
                      mlp_loss, rel_error, standard_promotion)
 
@@ -347,7 +348,7 @@ def test_every_k_of_a_wrong_type(k):
 
 
 def test_float64_gradients_keep_their_precision():
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
     params = jnp.zeros([], jnp.float64)
     state = opt.init(params)

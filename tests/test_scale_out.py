@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxaccum
+from jaxaccum import _compat
 from _models import (assert_rel_close, mlp_apply, mlp_batch, mlp_init, mlp_loss,
                      standard_promotion)
 
@@ -244,7 +245,7 @@ def test_multi_steps_under_shard_map():
   def step(params, state, batch):
     # Gradients of device-varying parameters stay local (no psum per call);
     # the accumulators carry a leading device axis of local size 1.
-    grads = jax.grad(mlp_loss)(jax.lax.pcast(params, "data", to="varying"), batch)
+    grads = jax.grad(mlp_loss)(_compat.pcast_to_varying(params, ("data",)), batch)
     local = lambda t: jax.tree.map(lambda x: x[0], t)
     state = state._replace(acc_grads=local(state.acc_grads), acc_weight=local(state.acc_weight))
     updates, state = opt.update(grads, state, params)
