@@ -57,6 +57,7 @@ def started(tmp_path_factory):
       process.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs(name, started):
   _, expected, plot = CASES[name]

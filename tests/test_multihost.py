@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import _multihost_worker as worker
 from _models import assert_rel_close
@@ -82,6 +83,7 @@ def _run_workers(tmp_path: Path) -> list[Path]:
   return outs
 
 
+@pytest.mark.slow
 def test_data_axis_across_two_processes_equals_one_process(tmp_path):
   outs = _run_workers(tmp_path)
   params, batch = worker.problem()
