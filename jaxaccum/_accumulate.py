@@ -39,6 +39,8 @@ def value_and_grad(
     state_policy: str | Sequence[str] | None = None,
     with_stats: bool = False,
     skip_nonfinite: bool = False,
+    fsdp_gather: str = "once",
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   """Like :func:`jax.value_and_grad`, accumulated over micro-batches.
 
@@ -104,8 +106,15 @@ def value_and_grad(
       aux are reduced the same way (a stacked aux: mean over devices for each
       micro-batch).
     data_axis: for plain ``jax.jit`` with the batch sharded over this mesh
-      axis and the other arguments replicated: runs the loop in a
-      ``jax.shard_map`` over that axis, with the reduction of ``axis_name``.
+      axis (or these axes): the gradients are reduced across its devices once,
+      after the loop, and come back with the parameters' sharding. On
+      Explicit axes the loss runs as written under plain ``jit`` (parameters
+      cast to ``reduced``, their gradients accumulated ``unreduced``); a loss
+      that cannot take reduced parameters (an elementwise op between one and
+      the sharded batch, such as a bias add), ``with_stats`` and
+      ``skip_nonfinite`` run in a ``jax.shard_map`` over the data axes (with
+      the reduction of ``axis_name``). Other mesh axes (tensor parallel) are
+      never gathered. See ``docs/sharded.md`` for every layout.
     mesh: the mesh for ``data_axis``; defaults to the ambient mesh
       (``jax.set_mesh``).
     state_argnums: positional argument(s) holding mutable model state, such as
@@ -129,6 +138,19 @@ def value_and_grad(
       micro-batch of positive weight is left out, value and gradients are NaN,
       so ``optax.apply_if_finite`` or ``should_skip_update_fn`` skip the step.
       The default propagates non-finite values, so nothing is hidden silently.
+    fsdp_gather: with ``data_axis``, for parameters sharded over a data axis
+      (FSDP, HSDP): ``"once"`` gathers them before the loop and reduces the
+      unsharded gradient sum once after it, into the parameters' sharding
+      (fewest bytes, nothing gradient-sized in the loop); ``"per_microbatch"``
+      gathers them in every micro-batch and reduce-scatters every micro-batch's
+      gradient into a sharded accumulator (least memory, ``N`` times the
+      bytes). Replica axes (HSDP) are reduced once after the loop either way.
+    param_specs: with ``data_axis`` on Auto mesh axes, where a sharding is
+      invisible inside ``jit``: the differentiated arguments' partition specs
+      (a ``PartitionSpec`` or a pytree prefix of them; a tuple of one per
+      argument for a sequence ``argnums``), e.g. ``P("data", None)`` for FSDP.
+      Without it they are taken as replicated over the data axes. On
+      Explicit axes the specs are read from the arguments' types.
 
   Called outside :func:`jax.jit`, the returned function compiles itself once
   per shapes and dtypes of the array arguments (and values of the non-array
@@ -188,6 +210,8 @@ def grad(
     state_policy: str | Sequence[str] | None = None,
     with_stats: bool = False,
     skip_nonfinite: bool = False,
+    fsdp_gather: str = "once",
+    param_specs: Any = None,
 ) -> Callable[..., Any]:
   """Like :func:`jax.grad`, accumulated over micro-batches.
 

@@ -60,7 +60,7 @@ def accumulate(options: Options, grad_fn: Callable[..., Any], parallel: Any,
   n = num_microbatches(options, args, kwargs, _devices_of(options))
   layout = {}
   replicated, scattered = parallel.run(
-      lambda a, k: _run(options, grad_fn, parallel, a, k, n, layout), args, kwargs)
+      lambda p, a, k: _run(options, grad_fn, p, a, k, n, layout), args, kwargs)
   aux = layout["aux_treedef"].unflatten(
       [scattered[i] if i in scattered else leaf for i, leaf in enumerate(replicated.aux)])
   return replicated._replace(aux=aux)
@@ -75,12 +75,12 @@ def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tup
   """The loop on one device (or on each device of ``parallel``)."""
   batch = _microstep.batch_of(options, args, kwargs)
   args = list(args)
-  for i in options.argnums:
-    args[i] = parallel.prepare(args[i])
+  for i, diff in zip(options.argnums, parallel.prepare(tuple(args[i] for i in options.argnums))):
+    args[i] = diff
   salt = parallel.rng_salt()
   keys = {i: args[i] if salt is None else _parallel.fold_in_device(args[i], salt)
           for i in options.rng_argnums}
-  step = _microstep.make(options, grad_fn, tuple(args), kwargs, keys)
+  step = _microstep.make(options, grad_fn, tuple(args), kwargs, keys, parallel.microbatch)
   policies = dict(zip(options.state_argnums, options.state_policies))
   seq_init = parallel.carry(tuple(args[p] for p in options.state_argnums
                                   if policies[p] == "sequential"))
@@ -94,6 +94,7 @@ def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tup
   def contribute(index, micro, seq_states):
     m, seq_states = step(index, micro, seq_states)
     sums = {name: r.contribute(m) for name, r in reducers.items()}
+    sums["grads"] = parallel.gradients(sums["grads"])
     aux = jax.tree.leaves(m.aux)
     return parallel.carry((sums, seq_states)), {i: aux[i] for i in stacked_at}, m
 
@@ -102,11 +103,13 @@ def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tup
       (sums, seq_states), stacked, like = contribute(0, batch, seq_init)
       stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], stacked)
     else:
-      (sums, seq_states), stacked, like = _scan(contribute, parallel.carry, strided,
+      (sums, seq_states), stacked, like = _scan(contribute, parallel.zeros, strided,
                                                 seq_init, n)
   with jax.named_scope("jaxaccum/reduce"):
     concat = {i: _split.unstride(stacked.pop(i)) for i in stacked_at if kinds[i] == "concat"}
-    sums, seq_states, stacked = parallel.reduce((sums, seq_states, stacked))
+    grads = sums.pop("grads")
+    (sums, seq_states, stacked), grads = parallel.reduce((sums, seq_states, stacked), grads)
+    sums["grads"] = grads
     devices = parallel.num_devices()
     totals = _reducers.Totals(sums, n * devices, devices, like, n * devices == 1)
     done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
@@ -119,7 +122,7 @@ def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tup
     return Outputs(done["value"], aux, states, done["grads"], stats), concat
 
 
-def _scan(contribute: Callable[..., Any], carry: Callable[[PyTree], PyTree],
+def _scan(contribute: Callable[..., Any], zeros_of: Callable[[PyTree], PyTree],
           strided: PyTree, seq_init: tuple, n: int):
   """``contribute`` over micro-batches ``0 .. n - 1``, summing its sums."""
 
@@ -131,7 +134,7 @@ def _scan(contribute: Callable[..., Any], carry: Callable[[PyTree], PyTree],
 
   (sums, _), _, like = jax.eval_shape(
       lambda: contribute(0, _split.microbatch(strided, 0), seq_init))
-  zeros = carry(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums))
+  zeros = zeros_of(sums)
   (sums, seq_states), stacked = lax.scan(body, (zeros, seq_init),
                                          jnp.arange(n, dtype=jnp.int32))
   return (sums, seq_states), stacked, like

@@ -60,11 +60,15 @@ def batch_of(options: Options, args: tuple, kwargs: dict) -> Batch:
 
 
 def make(options: Options, grad_fn: Callable[..., Any], args: tuple, kwargs: dict,
-         keys: dict[int, jax.Array]) -> Callable[..., tuple[Micro, tuple]]:
+         keys: dict[int, jax.Array],
+         microbatch: Callable[[tuple, Batch], tuple] = lambda diff, micro: diff,
+         ) -> Callable[..., tuple[Micro, tuple]]:
   """The micro-step: ``step(index, micro_batch, seq_states) -> (Micro, seq_states)``.
 
   ``seq_states`` are the values of the ``"sequential"`` state arguments that
-  the micro-batch sees; ``keys`` the PRNG keys to fold ``index`` into.
+  the micro-batch sees; ``keys`` the PRNG keys to fold ``index`` into;
+  ``microbatch(diff_args, micro_batch)`` gives the differentiated arguments
+  as this micro-batch sees them (gathered per micro-batch, say).
   """
   policies = dict(zip(options.state_argnums, options.state_policies))
   seq_pos = tuple(p for p in options.state_argnums if policies[p] == "sequential")
@@ -77,6 +81,9 @@ def make(options: Options, grad_fn: Callable[..., Any], args: tuple, kwargs: dic
       call[pos] = jax.random.fold_in(key, index)
     for pos, state in zip(seq_pos, seq_states):
       call[pos] = state
+    diff = microbatch(tuple(call[i] for i in options.argnums), micro)
+    for pos, arg in zip(options.argnums, diff):
+      call[pos] = arg
     out, grads = grad_fn(*call, **{**kwargs, **micro.kwargs})
     value, aux, states = unpack(options, out)
     weight, kept, weighed = _weigh(options, micro, value, grads)

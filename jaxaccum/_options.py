@@ -23,6 +23,7 @@ from jaxaccum import _dtypes
 REDUCTIONS = ("mean", "sum")
 AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
 STATE_POLICIES = ("sequential", "mean")
+FSDP_GATHER = ("once", "per_microbatch")
 
 
 def index(name: str, value: Any) -> int:
@@ -143,6 +144,8 @@ class Options:
   state_policies: tuple[str, ...]
   with_stats: bool
   skip_nonfinite: bool
+  fsdp_gather: str = "once"
+  param_specs: Any = None
 
   @classmethod
   def create(
@@ -153,6 +156,7 @@ class Options:
       rng_argnums: Any = (), axis_name: Any = None, data_axis: Any = None,
       mesh: Any = None, state_argnums: Any = (), state_policy: Any = None,
       with_stats: Any = False, skip_nonfinite: Any = False,
+      fsdp_gather: Any = "once", param_specs: Any = None,
   ) -> Options:
     """Validates the public keyword arguments; raises TypeError / ValueError."""
     if (num_microbatches is None) == (microbatch_size is None):
@@ -182,6 +186,10 @@ class Options:
       raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}")
     if mesh is not None and not data_t:
       raise ValueError("mesh= is only used with data_axis=; pass data_axis= too")
+    fsdp_gather = _choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
+    if fsdp_gather != "once" and not data_t:
+      raise ValueError(f"{fsdp_gather=} is only used with data_axis=; pass data_axis= too")
+    _check_param_specs(param_specs, data_t, argnums_t, argnums)
     return cls(
         num_microbatches=positive("num_microbatches", num_microbatches),
         microbatch_size=positive("microbatch_size", microbatch_size),
@@ -196,6 +204,7 @@ class Options:
         state_is_tuple=isinstance(state_argnums, (Sequence, np.ndarray)),
         state_policies=_state_policies(state_policy, state_t),
         with_stats=bool(with_stats), skip_nonfinite=bool(skip_nonfinite),
+        fsdp_gather=fsdp_gather, param_specs=param_specs,
     )
 
   @property
@@ -224,6 +233,24 @@ def _check_disjoint(**groups: tuple[tuple[int, ...], Any]) -> None:
       if set(nums_a) & set(nums_b):
         raise ValueError(f"{a} and {b} overlap: {a}={given_a!r}, {b}={given_b!r}; "
                          "each argument plays one role")
+
+
+def _check_param_specs(param_specs: Any, data_t: tuple, argnums_t: tuple,
+                       argnums: Any) -> None:
+  if param_specs is None:
+    return
+  if not data_t:
+    raise ValueError("param_specs= is only used with data_axis=; pass data_axis= too")
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+  leaves = jax.tree.leaves(param_specs, is_leaf=is_spec)
+  if not leaves or not all(is_spec(x) for x in leaves):
+    raise TypeError(
+        f"param_specs must be a PartitionSpec or a pytree of them, got {param_specs=}")
+  if isinstance(argnums, (Sequence, np.ndarray)) and (
+      not isinstance(param_specs, (tuple, list)) or len(param_specs) != len(argnums_t)):
+    raise ValueError(
+        f"with a sequence {argnums=}, param_specs must be a tuple of one entry per "
+        f"argument, got {param_specs=}")
 
 
 def _state_policies(state_policy: Any, state_t: tuple[int, ...]) -> tuple[str, ...]:

@@ -1,10 +1,15 @@
 """Multi-device code in one place: where the cross-device reduction happens.
 
-The loop talks to devices only through a :class:`Parallel` strategy:
-``run`` wraps the whole accumulation, ``prepare`` readies the differentiated
-arguments, ``carry`` gives a contribution the loop carry's type, ``reduce`` is
-the one cross-device reduction after the loop, ``num_devices`` counts the
-devices it adds up, and ``rng_salt`` tells devices' random streams apart.
+The loop talks to devices only through a strategy (:class:`Local` and its
+kin): ``run`` wraps the whole accumulation and hands the loop the strategy
+that runs it, ``prepare`` readies the differentiated arguments (a tuple, one
+per ``argnums``) and ``microbatch`` what one micro-batch differentiates,
+``carry`` gives a contribution the loop carry's type and ``gradients`` a
+micro-batch's gradient sum, ``zeros`` starts the carry, ``reduce`` is the
+one cross-device reduction after the loop (the gradient sums apart from the
+rest), ``num_devices`` counts the devices it adds up, and ``rng_salt`` tells
+devices' random streams apart. ``data_axis`` strategies for sharded
+parameters live in :mod:`jaxaccum._sharded`.
 
 Inside ``shard_map`` (with ``check_vma=True``) JAX tracks which values differ
 across devices. Differentiating with respect to parameters that are the same
@@ -25,7 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
+
+from jaxaccum import _sharded
+from jaxaccum._sharded import to_varying
 
 PyTree = Any
 Axes = tuple[Hashable, ...]
@@ -34,26 +42,6 @@ Axes = tuple[Hashable, ...]
 def axis_spec(axes: Axes) -> Hashable | Axes:
   """The PartitionSpec entry (and collective axis name) for ``axes``."""
   return axes if len(axes) > 1 else axes[0]
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))
-
-
-def to_varying(tree: PyTree, axes: Axes) -> PyTree:
-  """Marks every leaf as device-varying over ``axes`` (where it is not yet)."""
-  if not axes:
-    return tree
-
-  def cast(x):
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-  return jax.tree.map(cast, tree)
 
 
 def fold_in_device(key: jax.Array, salt: jax.Array) -> jax.Array:
@@ -68,15 +56,27 @@ class Local:
   """One device: nothing to reduce."""
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    return loop(args, kwargs)
+    return loop(self, args, kwargs)
 
-  def prepare(self, tree: PyTree) -> PyTree:
-    return tree
+  def prepare(self, diff: tuple) -> tuple:
+    return diff
+
+  def microbatch(self, diff: tuple, micro: PyTree) -> tuple:
+    return diff
 
   def carry(self, tree: PyTree) -> PyTree:
     return tree
 
-  def reduce(self, tree: PyTree) -> PyTree:
+  def gradients(self, grads: PyTree) -> PyTree:
+    return self.carry(grads)
+
+  def zeros(self, shapes: PyTree) -> PyTree:
+    return self.carry(jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes))
+
+  def reduce(self, others: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
+    return self._reduce((others, grads))
+
+  def _reduce(self, tree: PyTree) -> PyTree:
     return tree
 
   def num_devices(self) -> int:
@@ -107,7 +107,7 @@ class Named(Local):
   def carry(self, tree: PyTree) -> PyTree:
     return to_varying(tree, self.axes)
 
-  def reduce(self, tree: PyTree) -> PyTree:
+  def _reduce(self, tree: PyTree) -> PyTree:
     return lax.psum(tree, self.axes)
 
   def num_devices(self) -> int:
@@ -118,39 +118,66 @@ class Named(Local):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataAxis(Named):
-  """A ``jax.jit`` step over a batch sharded along ``axes`` of ``mesh``.
+class DataAxis(Local):
+  """A ``jax.jit`` step over a batch sharded along ``axes`` of a mesh.
 
-  Runs the loop in a ``jax.shard_map`` over ``axes`` (other arguments
-  replicated), with the single reduction of :class:`Named`. The loop returns
-  ``(replicated, scattered)``: the reduced results, and the per-example aux
-  rows that stay sharded along ``axes`` like the batch.
+  Picks the strategy of :mod:`jaxaccum._sharded` at trace time, from the
+  mesh's axis types and the differentiated arguments' shardings: on Explicit
+  data axes :class:`~jaxaccum._sharded.ExplicitData` (plain ``jit``), unless
+  the loss or the options cannot take reduced parameters; otherwise
+  :class:`~jaxaccum._sharded.ShardMapData`. The loop returns ``(outputs,
+  scattered)``: the reduced results, and the per-example aux rows that stay
+  sharded along ``axes`` like the batch.
   """
 
-  mesh: Any = None
-  batch_argnums: tuple[int, ...] = ()
-  batch_argnames: tuple[str, ...] = ()
+  axes: Axes = ()
+  options: Any = None
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    mesh = resolve_mesh(self.axes, self.mesh)
-    batch_spec = PartitionSpec(axis_spec(self.axes))
-    specs = tuple(batch_spec if i in self.batch_argnums else PartitionSpec()
-                  for i in range(len(args)))
-    kw_specs = {k: batch_spec if k in self.batch_argnames else PartitionSpec()
-                for k in kwargs}
+    o = self.options
+    mesh = resolve_mesh(self.axes, o.mesh)
+    diff = tuple(args[i] for i in o.argnums)
     types = dict(zip(mesh.axis_names, mesh.axis_types))
-    if any(types[a] == jax.sharding.AxisType.Explicit for a in self.axes):
-      # Explicit-sharding meshes do not reshard shard_map inputs implicitly.
-      to = ((lambda spec: NamedSharding(mesh, spec))
-            if isinstance(mesh, jax.sharding.Mesh) else (lambda spec: spec))
-      args, kwargs = jax.tree.map(
-          lambda spec, a: jax.sharding.reshard(a, to(spec)), (specs, kw_specs),
-          (args, kwargs), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    explicit = all(types[a] == jax.sharding.AxisType.Explicit for a in self.axes)
+    specs = _specs(o, diff, explicit)
+    first_error = None
+    if explicit and not (o.with_stats or o.skip_nonfinite):
+      # Norms and finiteness checks of unreduced gradients are rejected, and
+      # so is an elementwise op between a reduced parameter and a
+      # data-sharded array (a bias add): such losses run under shard_map.
+      try:
+        return loop(_sharded.ExplicitData(self.axes, o.fsdp_gather, specs, o.argnums_is_int),
+                    args, kwargs)
+      except Exception as e:  # noqa: BLE001 -- any rejection falls back
+        first_error = e
+    positions = {"argnums": o.argnums, "batch_argnums": o.batch_argnums,
+                 "batch_argnames": o.batch_argnames}
+    strategy = _sharded.ShardMapData(mesh, self.axes, o.fsdp_gather, specs,
+                                     o.argnums_is_int, positions)
+    try:
+      return strategy.run(loop, args, kwargs)
+    except Exception as e:
+      if first_error is not None:
+        e.add_note("With reduced parameters under plain jit (Explicit data axes) "
+                   f"it failed first with: {type(first_error).__name__}: {first_error}")
+      raise
 
-    return jax.shard_map(
-        loop, mesh=mesh, in_specs=(specs, kw_specs),
-        out_specs=(PartitionSpec(), batch_spec),
-        axis_names=frozenset(self.axes))(args, kwargs)
+
+def _specs(options: Any, diff: tuple, explicit: bool) -> tuple:
+  """Per differentiated argument, a pytree of PartitionSpecs matching it."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  if explicit or options.param_specs is None:
+    # On Auto axes a sharding is invisible inside jit: replicated over data.
+    return jax.tree.map(_sharded.spec_of if explicit else (lambda _: PartitionSpec()), diff)
+  given = (options.param_specs,) if options.argnums_is_int else tuple(options.param_specs)
+  try:
+    return tuple(jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), g, d,
+                              is_leaf=is_spec) for g, d in zip(given, diff, strict=True))
+  except ValueError as e:
+    raise ValueError(
+        f"param_specs={options.param_specs!r} must be a pytree prefix of the "
+        f"differentiated arguments (argnums={options.argnums}) of structure "
+        f"{jax.tree.structure(diff if not options.argnums_is_int else diff[0])}") from e
 
 
 def resolve_mesh(axes: Axes, mesh: Any) -> Any:
@@ -176,9 +203,7 @@ def data_devices(axes: Axes, mesh: Any) -> int:
 def for_options(options: Any) -> Local:
   """The strategy for an accumulated function's options."""
   if options.data_axis:
-    return DataAxis(options.data_axis, salted=True, mesh=options.mesh,
-                    batch_argnums=options.batch_argnums,
-                    batch_argnames=options.batch_argnames)
+    return DataAxis(axes=options.data_axis, options=options)
   if options.axis_name:
     return Named(options.axis_name)
   return Local()
@@ -186,5 +211,8 @@ def for_options(options: Any) -> Local:
 
 def salt_keys(keys: PyTree, axes: Axes) -> PyTree:
   """Folds the device's index along ``axes`` into every PRNG key of ``keys``."""
-  salt = lax.axis_index(axis_spec(axes))
+  try:
+    salt = lax.axis_index(axis_spec(axes))
+  except NameError:
+    return keys  # plain jit on Explicit axes: the loss sees the global batch
   return jax.tree.map(lambda k: fold_in_device(k, salt), keys)

@@ -5,8 +5,11 @@ Run as ``python _multihost_worker.py --coordinator 127.0.0.1:PORT
 system with 4 CPU devices, builds the global 8-device mesh, runs
 ``jaxaccum.value_and_grad(..., data_axis="data")`` on a batch sharded over
 all 8 devices of both processes, and saves the value, the gradients and the
-collective counts of the compiled step. Importing this module has no side
-effect: the test imports it for :func:`problem` and :func:`masked_loss`.
+collective counts of the compiled step. With ``--layout fsdp`` the mesh's
+axis is Explicit and the parameters are sharded over it (FSDP,
+:func:`fsdp_problem`): the gradients come back sharded like them. Importing
+this module has no side effect: the test imports it for the problems and
+losses.
 """
 
 from __future__ import annotations
@@ -46,6 +49,28 @@ def masked_loss(params, batch):
   return jnp.sum(err * mask) / jnp.sum(mask)
 
 
+def fsdp_problem() -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """Parameters with a leading size divisible by 8 devices, and a batch ``(x, y)``."""
+  rng = np.random.default_rng(1)
+  params = {"w1": rng.normal(size=(8, 16)).astype(np.float32) / 3,
+            "w2": rng.normal(size=(16, 8)).astype(np.float32) / 4}
+  x = rng.normal(size=(GLOBAL_BATCH, 8)).astype(np.float32)
+  return params, (x, np.sin(x).astype(np.float32))
+
+
+def fsdp_loss(params, batch):
+  """Mean squared error, written for explicit sharding of the batch (under a
+  mesh; the single-device reference has none)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  x, y = batch
+  spec = None if jax.sharding.get_abstract_mesh().empty else P("data", None)
+  h = jnp.tanh(jnp.einsum("bi,ih->bh", x, params["w1"], out_sharding=spec))
+  return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
 def num_rows(batch):
   import jax.numpy as jnp
 
@@ -59,6 +84,7 @@ def main() -> None:
   parser.add_argument("--num-processes", type=int, required=True)
   parser.add_argument("--local-devices", type=int, default=4)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--layout", choices=("ddp", "fsdp"), default="ddp")
   args = parser.parse_args()
 
   import jax
@@ -82,28 +108,39 @@ def main() -> None:
   if (jax.device_count(), jax.local_device_count()) != (devices, args.local_devices):
     raise SystemExit(f"expected {devices} devices, {args.local_devices} local; got "
                      f"{jax.device_count()} and {jax.local_device_count()}")
-  mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  fsdp = args.layout == "fsdp"
+  axis_type = jax.sharding.AxisType.Explicit if fsdp else jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((devices,), ("data",), axis_types=(axis_type,))
 
-  params, batch = problem()
+  params, batch = fsdp_problem() if fsdp else problem()
   # Each process loads only its own rows, as a data loader would; the
   # parameters are the same everywhere and so replicated.
   rows = GLOBAL_BATCH // args.num_processes
   local_rows = slice(args.process_id * rows, (args.process_id + 1) * rows)
   batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
       NamedSharding(mesh, P("data")), x[local_rows]), batch)
-  params = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-      NamedSharding(mesh, P()), x), params)
-  step = jax.jit(jaxaccum.value_and_grad(
-      masked_loss, num_microbatches=NUM_MICROBATCHES, weight_fn=num_rows,
-      data_axis="data", mesh=mesh))
-  value, grads = step(params, batch)
-  counts = jaxaccum.count_collectives(step, params, batch)
-  # The results are replicated: this process's first shard is the whole value.
-  local = lambda x: np.asarray(x.addressable_data(0))
-  np.savez(args.out, value=local(value),
-           **{f"grad_{k}": local(v) for k, v in grads.items()},
+  # Parameters: replicated, or (FSDP) each process holds its rows of them.
+  spec = P("data", None) if fsdp else P()
+  params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), params)
+  if fsdp:
+    step = jax.jit(jaxaccum.value_and_grad(
+        fsdp_loss, num_microbatches=NUM_MICROBATCHES, data_axis="data", mesh=mesh))
+  else:
+    step = jax.jit(jaxaccum.value_and_grad(
+        masked_loss, num_microbatches=NUM_MICROBATCHES, weight_fn=num_rows,
+        data_axis="data", mesh=mesh))
+  with jax.set_mesh(mesh):
+    value, grads = step(params, batch)
+    counts = jaxaccum.count_collectives(step, params, batch)
+  sharded = [g.sharding.is_equivalent_to(NamedSharding(mesh, spec), g.ndim)
+             for g in grads.values()]
+  from jax.experimental import multihost_utils
+  whole = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  np.savez(args.out, value=whole(value), sharded=np.asarray(sharded),
+           **{f"grad_{k}": whole(v) for k, v in grads.items()},
            inside_loops=np.asarray(counts.inside_loops),
-           outside_loops=np.asarray(counts.outside_loops))
+           outside_loops=np.asarray(counts.outside_loops),
+           inside_bytes=np.asarray(counts.bytes.inside_loops))
   jax.distributed.shutdown()
 
 

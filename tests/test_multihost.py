@@ -5,7 +5,9 @@
 data_axis="data")`` on a batch sharded over all 8 devices, so the gradient
 reduction crosses the process boundary. Both must return the gradient of
 ``jax.value_and_grad`` on the whole batch in this single process, with no
-collective inside the micro-batch loop.
+collective inside the micro-batch loop. The FSDP variant shards the
+parameters over the 8 devices of an Explicit mesh: the gradients come back
+sharded like them, and nothing gradient-sized runs in the loop.
 """
 
 import os
@@ -40,11 +42,14 @@ def _worker_env() -> dict:
   """
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")}
-  env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  # The workers import this checkout's jaxaccum, as the test does.
+  root = str(WORKER.parent.parent)
+  path = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=path)
   return env
 
 
-def _run_workers(tmp_path: Path) -> list[Path]:
+def _run_workers(tmp_path: Path, layout: str = "ddp") -> list[Path]:
   coordinator = f"127.0.0.1:{_free_port()}"
   outs = [tmp_path / f"process{i}.npz" for i in range(NUM_PROCESSES)]
   logs = [tmp_path / f"process{i}.log" for i in range(NUM_PROCESSES)]
@@ -54,7 +59,7 @@ def _run_workers(tmp_path: Path) -> list[Path]:
       procs.append(subprocess.Popen(
           [sys.executable, str(WORKER), "--coordinator", coordinator,
            "--process-id", str(i), "--num-processes", str(NUM_PROCESSES),
-           "--out", str(outs[i])],
+           "--out", str(outs[i]), "--layout", layout],
           env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, cwd=WORKER.parent))
   deadline = time.monotonic() + TIMEOUT_S
 
@@ -99,3 +104,18 @@ def test_data_axis_across_two_processes_equals_one_process(tmp_path):
     assert result["inside_loops"].sum() == 0, (i, result["inside_loops"])
     assert result["outside_loops"][0] >= 1, (i, result["outside_loops"])
     assert result["outside_loops"][2:].sum() == 0, (i, result["outside_loops"])
+
+
+def test_fsdp_across_two_processes_equals_one_process(tmp_path):
+  outs = _run_workers(tmp_path, "fsdp")
+  params, batch = worker.fsdp_problem()
+  with jax.default_device(jax.devices("cpu")[0]):
+    ref_value, ref_grads = jax.value_and_grad(worker.fsdp_loss)(params, batch)
+  for i, out in enumerate(outs):
+    result = np.load(out)
+    assert_rel_close({k: result[f"grad_{k}"] for k in ref_grads}, ref_grads)
+    assert_rel_close(result["value"], ref_value)
+    assert result["sharded"].all(), (i, result["sharded"])
+    # The loss reduces its own value (4 bytes) per micro-batch; no gradient.
+    assert result["inside_bytes"].sum() <= 4, (i, result["inside_bytes"])
+    assert result["outside_loops"][0] >= 1, (i, result["outside_loops"])
