@@ -137,19 +137,24 @@ def generate(model: CharLM, tokens: jax.Array, start: int, key: jax.Array,
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
   parser.add_argument("--batch", type=int, default=64, help="sequences per optimizer step")
-  parser.add_argument("--microbatches", type=int, default=8)
+  parser.add_argument("--microbatches", type=int, default=8,
+                      help="micro-batches per optimizer step")
   parser.add_argument("--length", type=int, default=128, help="longest sequence")
-  parser.add_argument("--dim", type=int, default=128)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--dropout", type=float, default=0.1)
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--eval-every", type=int, default=25)
-  parser.add_argument("--prompt", default="def ")
-  parser.add_argument("--temperature", type=float, default=0.5)
+  parser.add_argument("--dim", type=int, default=128, help="model width")
+  parser.add_argument("--heads", type=int, default=4, help="attention heads")
+  parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
+  parser.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+  parser.add_argument("--lr", type=float, default=3e-3, help="adamw learning rate")
+  parser.add_argument("--eval-every", type=int, default=25,
+                      help="steps between evaluations")
+  parser.add_argument("--prompt", default="def ", help="start of the printed sample")
+  parser.add_argument("--temperature", type=float, default=0.5,
+                      help="sampling temperature")
   parser.add_argument("--out", default=".", help="folder for char_lm.png")
   args = parser.parse_args()
 

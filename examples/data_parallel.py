@@ -79,8 +79,10 @@ def make_step(grad_fn, tx):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=20)
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
   parser.add_argument("--microbatches", type=int, default=4,
                       help="micro-batches per device and step")
   parser.add_argument("--microbatch-size", type=int, default=16,

@@ -128,12 +128,16 @@ def batches(rng, rows, batch, steps):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
   parser.add_argument("--batch", type=int, default=256, help="images per optimizer step")
-  parser.add_argument("--microbatches", type=int, default=8)
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--eval-every", type=int, default=10)
+  parser.add_argument("--microbatches", type=int, default=8,
+                      help="micro-batches per optimizer step")
+  parser.add_argument("--lr", type=float, default=3e-3, help="adamw learning rate")
+  parser.add_argument("--eval-every", type=int, default=10,
+                      help="steps between evaluations")
   parser.add_argument("--out", default=".", help="folder for digits_cnn.png")
   args = parser.parse_args()
   n = args.microbatches

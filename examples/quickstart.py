@@ -49,10 +49,13 @@ def make_data(key, rows: int, features: int = 64, classes: int = 10):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--batch", type=int, default=2048)
-  parser.add_argument("--microbatches", type=int, default=8)
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+  parser.add_argument("--batch", type=int, default=2048, help="rows per optimizer step")
+  parser.add_argument("--microbatches", type=int, default=8,
+                      help="micro-batches per optimizer step")
   args = parser.parse_args()
   n = args.microbatches
 

@@ -59,6 +59,7 @@ def started(tmp_path_factory):
       process.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs(name, started):
   _, expected, plot = CASES[name]
@@ -73,3 +74,13 @@ def test_example_runs(name, started):
     path = folder / "out" / plot
     assert path.is_file() and path.stat().st_size > 10_000, log
     assert f"wrote {path}" in stdout, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_help_shows_every_default(script):
+  result = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], env=example_env(),
+                          capture_output=True, text=True, timeout=120, check=True)
+  options = re.findall(r"^  (--[\w-]+)", result.stdout, flags=re.MULTILINE)
+  assert options, result.stdout
+  assert result.stdout.count("(default:") == len(options), result.stdout

@@ -21,6 +21,17 @@ def test_all_names_exist():
     assert hasattr(jaxaccum, name), name
 
 
+def test_dir_lists_the_public_names_and_no_stray_modules():
+  assert "nnx" in jaxaccum.__all__
+  names = dir(jaxaccum)
+  public = {name for name in names if not name.startswith("_")}
+  assert public == set(jaxaccum.__all__), public ^ set(jaxaccum.__all__)
+  for name in names:
+    value = getattr(jaxaccum, name)
+    if inspect.ismodule(value):  # only jaxaccum's own modules, never os or importlib
+      assert value.__name__.startswith("jaxaccum."), (name, value)
+
+
 def test_version():
   assert isinstance(jaxaccum.__version__, str)
   assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)*", jaxaccum.__version__)
