@@ -232,3 +232,18 @@ def test_options_are_validated():
   with pytest.raises(ValueError, match="param_specs"):
     jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data", argnums=(0,),
                             param_specs=P())
+
+
+def test_planner_accounts_for_the_fsdp_mode():
+  # plan_microbatches compiles the real step, so the estimate follows the mode:
+  # gathering per micro-batch (sharded accumulator) plans less memory.
+  _, _, data_axis, specs = LAYOUTS["FSDP"]
+  mesh = _mesh("FSDP", "Auto")
+  params, batch = _problem()
+  params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+  batch = jax.device_put(batch, NamedSharding(mesh, P(data_axis)))
+  with jax.set_mesh(mesh):
+    plans = {mode: jaxaccum.plan_microbatches(
+        auto_loss, params, batch, memory_budget=2**40, candidates=[N], data_axis=data_axis,
+        fsdp_gather=mode, param_specs=specs) for mode in ("once", "per_microbatch")}
+  assert plans["per_microbatch"].estimates[N] < plans["once"].estimates[N]
