@@ -163,6 +163,7 @@ def mean_states(options: Options, inputs: dict[int, PyTree]) -> Reducer:
 
   def contribute(m):
     def term(s):
+      s = jnp.asarray(s)
       s = s.astype(_dtypes.wide(s.dtype)) if _dtypes.is_float(s) else s
       return jnp.where(m.kept > 0, s, jnp.zeros_like(s))
     return tuple(jax.tree.map(term, m.states[options.state_argnums.index(p)])
@@ -178,6 +179,7 @@ def mean_states(options: Options, inputs: dict[int, PyTree]) -> Reducer:
 
 def _state_mean(total: jax.Array, count: jax.Array, fallback: jax.Array) -> jax.Array:
   """Mean of summed states (integers: floor), ``fallback`` if none was kept."""
+  fallback = jnp.asarray(fallback)
   safe = jnp.maximum(count, 1).astype(total.dtype)
   mean = total / safe if _dtypes.is_float(total) else total // safe
   return jnp.where(count > 0, mean.astype(fallback.dtype), fallback)

@@ -148,3 +148,13 @@ def test_errors_point_at_the_users_frame():
   package = os.path.dirname(jaxaccum.__file__)
   frames = [e.path for e in info.traceback]
   assert not any(str(p).startswith(package) for p in frames), frames
+
+
+@pytest.mark.parametrize("policy, expected", [("sequential", 2.0), ("mean", 1.0)])
+def test_a_python_number_as_state(policy, expected):
+  def loss(params, batch, count):
+    return mlp_loss(params, batch), count + 1.0
+
+  (_, count), _ = jaxaccum.value_and_grad(loss, num_microbatches=2, state_argnums=2,
+                                          state_policy=policy)(PARAMS, BATCH, 0.0)
+  assert float(count) == expected
