@@ -161,6 +161,10 @@ class DataAxis(Local):
       if first_error is not None:
         e.add_note("With reduced parameters under plain jit (Explicit data axes) "
                    f"it failed first with: {type(first_error).__name__}: {first_error}")
+      elif explicit and not _compat.has_reduced_specs():
+        e.add_note("This jax cannot defer a reduction with reduced / unreduced "
+                   "sharding (jax 0.8 on can), so the loss ran under shard_map, where "
+                   "the data axes are Manual: a loss that names them needs a newer jax")
       raise
 
 

@@ -172,7 +172,7 @@ def value_and_grad(
     >>> float(train_step(model, optimizer, x, y)) < first
     True
   """
-  return _Accumulated(f, _Spec.create(locals()), value_and_grad=True)
+  return _Accumulated(f, _Spec.create(locals()), value_and_grad=True).function()
 
 
 def grad(
@@ -214,7 +214,7 @@ def grad(
     >>> grads["kernel"][...].ravel().tolist()  # d/dk mean((x k)^2) = 2 * 2 * 1
     [4.0, 4.0]
   """
-  return _Accumulated(f, _Spec.create(locals()), value_and_grad=False)
+  return _Accumulated(f, _Spec.create(locals()), value_and_grad=False).function()
 
 
 class _Spec(NamedTuple):
@@ -270,9 +270,11 @@ class _Accumulated:
     layout = Layout(options.has_aux, with_stats=options.with_stats)
     self.nest = layout.value_and_grad if value_and_grad else layout.grad
     self.cores: dict[Any, Callable[..., Any]] = {}
-    functools.update_wrapper(self, f)
 
-  @traceback_util.api_boundary
+  def function(self) -> Callable[..., Any]:
+    """A plain function with ``f``'s name and signature (what ``nnx.jit`` wraps)."""
+    return functools.wraps(self.f)(traceback_util.api_boundary(self.__call__))
+
   def __call__(self, *args, **kwargs):
     options = self.spec.options
     if options.batch_argnums and max(options.batch_argnums) >= len(args):

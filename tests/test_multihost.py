@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import _multihost_worker as worker
+from jaxaccum import _compat
 from _models import assert_rel_close
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
@@ -106,6 +107,8 @@ def test_data_axis_across_two_processes_equals_one_process(tmp_path):
     assert result["outside_loops"][2:].sum() == 0, (i, result["outside_loops"])
 
 
+@pytest.mark.skipif(not _compat.has_reduced_specs(),
+                    reason="this jax has no reduced / unreduced sharding (jax 0.8 on)")
 def test_fsdp_across_two_processes_equals_one_process(tmp_path):
   outs = _run_workers(tmp_path, "fsdp")
   params, batch = worker.fsdp_problem()

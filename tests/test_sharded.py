@@ -18,6 +18,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxaccum
 from _models import assert_rel_close
+from jaxaccum import _compat
+
+# A loss written for explicit sharding names the data axes itself, so it runs
+# only where jax can defer the reduction with reduced / unreduced types.
+needs_reduced = pytest.mark.skipif(
+    not _compat.has_reduced_specs(),
+    reason="this jax has no reduced / unreduced sharding (jax 0.8 on)")
 
 N = 4
 B = 64
@@ -120,7 +127,12 @@ def _by_kind(counts, where):
           if getattr(n, k)}
 
 
-@pytest.mark.parametrize("layout, axis_type, mode", sorted(EXPECTED))
+def _params(cases):
+  """The cases, those on Explicit axes marked ``needs_reduced``."""
+  return [pytest.param(*c, marks=needs_reduced) if "Explicit" in c else c for c in cases]
+
+
+@pytest.mark.parametrize("layout, axis_type, mode", _params(sorted(EXPECTED)))
 def test_layout_equals_the_full_batch_with_its_collectives(layout, axis_type, mode):
   step, args, mesh = _setup(layout, axis_type, mode)
   params, batch = _problem()
@@ -136,11 +148,15 @@ def test_layout_equals_the_full_batch_with_its_collectives(layout, axis_type, mo
         name, g.sharding)
   inside, outside = EXPECTED[layout, axis_type, mode]
   assert _by_kind(counts, "inside_loops") == inside, counts
-  assert _by_kind(counts, "outside_loops") == outside, counts
+  # After the loop, older XLA versions leave a combinable all-reduce split in
+  # several; what is communicated, kind by kind, is the same.
+  got = _by_kind(counts, "outside_loops")
+  assert {k: b for k, (_, b) in got.items()} == {k: b for k, (_, b) in outside.items()}, counts
+  assert all(got[k][0] >= n for k, (n, _) in outside.items()), counts
 
 
-@pytest.mark.parametrize("layout", ["FSDP", "HSDP"])
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("layout, axis_type", _params(
+    [(l, t) for l in ("FSDP", "HSDP") for t in ("Explicit", "Auto")]))
 def test_default_mode_moves_nothing_gradient_sized_in_the_loop(layout, axis_type):
   step, args, mesh = _setup(layout, axis_type, "once")
   with jax.set_mesh(mesh):
@@ -151,7 +167,7 @@ def test_default_mode_moves_nothing_gradient_sized_in_the_loop(layout, axis_type
 
 
 def test_tensor_parallel_parameters_are_never_gathered():
-  for axis_type in ("Explicit", "Auto"):
+  for axis_type in ("Explicit", "Auto") if _compat.has_reduced_specs() else ("Auto",):
     step, args, mesh = _setup("TP", axis_type, "once")
     with jax.set_mesh(mesh):
       counts = jaxaccum.count_collectives(step, *args)
