@@ -127,6 +127,10 @@ def plan_microbatches(
         f"batch_argnums={options.get('batch_argnums', 1)!r} names a positional argument "
         f"but {len(args)} were given")
   size = _batch_size(tuple(args[i] for i in opts.batch_argnums))
+  if size == 0:
+    raise ValueError(
+        f"the batch (batch_argnums={opts.batch_argnums}) has leading size 0: there "
+        "are no rows to split, so no number of micro-batches to plan")
   devices = _parallel.data_devices(opts.data_axis, opts.mesh)
   if size % devices:
     raise ValueError(

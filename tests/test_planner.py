@@ -229,3 +229,10 @@ def test_plan_step_invalid_batch_size(batch_size, error):
   with pytest.raises(error, match="batch_size must be a positive int"):
     jaxaccum.plan_step(lambda n: (lambda x: jnp.sum(x)), jnp.ones(4),
                        batch_size=batch_size, memory_budget=BIG)
+
+
+def test_empty_batch_is_a_clear_error():
+  params, batch = mlp_init(jax.random.key(0)), mlp_batch(jax.random.key(1), 8)
+  empty = jax.tree.map(lambda a: a[:0], batch)
+  with pytest.raises(ValueError, match="leading size 0"):
+    jaxaccum.plan_microbatches(mlp_loss, params, empty, memory_budget=BIG)
