@@ -154,7 +154,7 @@ class Options:
       has_aux: Any = False, weight_fn: Any = None, reduction: Any = "mean",
       aux_reduction: Any = "mean", accumulator_dtype: Any = jnp.float32,
       rng_argnums: Any = (), axis_name: Any = None, data_axis: Any = None,
-      mesh: Any = None, state_argnums: Any = (), state_policy: Any = None,
+      mesh: Any = None, state_argnums: Any = (), state_policy: Any = "sequential",
       with_stats: Any = False, skip_nonfinite: Any = False,
       fsdp_gather: Any = "once", param_specs: Any = None,
   ) -> Options:
@@ -254,18 +254,17 @@ def _check_param_specs(param_specs: Any, data_t: tuple, argnums_t: tuple,
 
 
 def _state_policies(state_policy: Any, state_t: tuple[int, ...]) -> tuple[str, ...]:
-  if state_policy is None:
-    return ("sequential",) * len(state_t)
-  if not state_t:
+  if not isinstance(state_policy, (str, Sequence)):
+    fix = "; leave it out for the default 'sequential'" if state_policy is None else ""
+    raise TypeError(
+        f"state_policy must be one of {STATE_POLICIES} or a tuple of them, got "
+        f"{state_policy=}{fix}")
+  if not state_t and state_policy != "sequential":
     raise ValueError(
         f"{state_policy=} is given without state_argnums; name the state "
         "argument(s) with state_argnums=")
   if isinstance(state_policy, str):
     return (_choice("state_policy", state_policy, STATE_POLICIES),) * len(state_t)
-  if not isinstance(state_policy, Sequence):
-    raise TypeError(
-        f"state_policy must be one of {STATE_POLICIES} or a tuple of them, got "
-        f"{state_policy=}")
   policies = tuple(_choice("state_policy", p, STATE_POLICIES) for p in state_policy)
   if len(policies) != len(state_t):
     raise ValueError(

@@ -64,6 +64,7 @@ def test_accumulator_dtype_rejected_at_construction(dtype, error):
     (dict(argnums=()), ValueError, r"argnums=\(\)"),
     (dict(num_microbatches="2"), TypeError, "num_microbatches='2'"),
     (dict(state_policy=1, state_argnums=2), TypeError, "state_policy=1"),
+    (dict(state_policy=None, state_argnums=2), TypeError, "state_policy=None"),
     (dict(state_policy="mean"), ValueError, "state_policy='mean'.*without state_argnums"),
     (dict(state_policy="median", state_argnums=2), ValueError, "state_policy='median'"),
     (dict(weight_fn=3), TypeError, "weight_fn=3"),
