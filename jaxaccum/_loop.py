@@ -163,11 +163,13 @@ def _aux_kinds(options: Options, aux: PyTree, rows: int) -> tuple[str, ...]:
 
 
 def _device_mean(x: jax.Array, devices: int) -> jax.Array:
-  """A stacked aux summed over devices, as their mean."""
+  """A stacked aux summed over devices, as their mean (floating leaves keep
+  their dtype; integer and boolean ones become float32)."""
   if devices == 1:
     return x
   wide = _dtypes.wide(x.dtype)
-  return x.astype(wide) / jnp.asarray(devices, wide)
+  mean = x.astype(wide) / jnp.asarray(devices, wide)
+  return mean.astype(x.dtype) if _dtypes.is_float(x) else mean
 
 
 def _states(options: Options, seq_states: tuple, means: dict, devices: int) -> tuple:

@@ -109,7 +109,10 @@ def _weigh(options: Options, micro: Batch, value: jax.Array, grads: PyTree):
     return weight, one, weighed
   finite = jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((value, grads))]))
-  weight = jnp.where(finite, one if weight is None else weight, 0)
+  if weight is None:
+    return jnp.where(finite, one, 0), finite.astype(jnp.float32), weighed
+  # A NaN weight (NaN or negative from weight_fn) stays NaN even when skipped.
+  weight = jnp.where(jnp.logical_or(finite, jnp.isnan(weight)), weight, 0)
   return weight, finite.astype(jnp.float32), weighed
 
 

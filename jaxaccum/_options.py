@@ -109,7 +109,11 @@ def _aux_reduction(value: Any) -> Any:
   if not leaves:
     raise ValueError(f"aux_reduction={value!r} holds no reduction; use one of {AUX_REDUCTIONS}")
   for leaf in leaves:
-    if not isinstance(leaf, str) or leaf not in AUX_REDUCTIONS:
+    if not isinstance(leaf, str):
+      raise TypeError(
+          f"aux_reduction={value!r} holds {leaf!r}; each entry must be one of "
+          f"{AUX_REDUCTIONS}")
+    if leaf not in AUX_REDUCTIONS:
       raise ValueError(
           f"aux_reduction={value!r} holds {leaf!r}; each entry must be one of "
           f"{AUX_REDUCTIONS}")

@@ -143,8 +143,16 @@ def aux(kinds: tuple[str, ...]) -> Reducer:
     return {i: _aux_term(kinds[i], jnp.asarray(leaves[i]), m.weight) for i in summed}
 
   def finalize(total, totals):
-    return {i: _dtypes.ratio(s, totals.denominator(s.dtype).astype(s.dtype))
-            if kinds[i] == "mean" else s for i, s in total.items()}
+    like = jax.tree.leaves(totals.like.aux)
+
+    def mean(i, s):
+      # Floating leaves keep their dtype; integer and boolean ones become float32.
+      out = _dtypes.ratio(s, totals.denominator(s.dtype).astype(s.dtype))
+      dtype = jnp.dtype(getattr(like[i], "dtype", None) or jnp.asarray(like[i]).dtype)
+      floating = jnp.issubdtype(dtype, jnp.inexact)
+      return totals.nan_if_all_skipped(out.astype(dtype) if floating else out)
+
+    return {i: mean(i, s) if kinds[i] == "mean" else s for i, s in total.items()}
 
   return Reducer(contribute, finalize)
 

@@ -83,9 +83,10 @@ def test_aux_reduction_that_does_not_fit_the_aux(spec):
     f(PARAMS, BATCH)
 
 
-@pytest.mark.parametrize("spec", [{"logits": "median"}, {"logits": 3}, {}])
-def test_invalid_aux_reduction_pytree(spec):
-  with pytest.raises(ValueError, match="aux_reduction="):
+@pytest.mark.parametrize("spec, error", [({"logits": "median"}, ValueError),
+                                         ({"logits": 3}, TypeError), ({}, ValueError)])
+def test_invalid_aux_reduction_pytree(spec, error):
+  with pytest.raises(error, match="aux_reduction="):
     jaxaccum.value_and_grad(loss_with_metrics, num_microbatches=4, aux_reduction=spec)
 
 
@@ -127,3 +128,29 @@ def test_missing_batch_keyword_is_a_clear_error():
 def test_batch_argnames_type(names):
   with pytest.raises(TypeError, match="batch_argnames"):
     jaxaccum.value_and_grad(keyword_loss, num_microbatches=4, batch_argnames=names)
+
+
+@pytest.mark.parametrize("kind", ["mean", "stack"])
+def test_floating_aux_keeps_its_dtype(kind):
+  def loss(params, batch):
+    value = mlp_loss(params, batch)
+    return value, value.astype(jnp.bfloat16)
+
+  (_, aux), _ = jaxaccum.value_and_grad(loss, num_microbatches=4, has_aux=True,
+                                        aux_reduction=kind)(PARAMS, BATCH)
+  (_, ref), _ = jax.value_and_grad(loss, has_aux=True)(PARAMS, BATCH)
+  assert aux.dtype == ref.dtype == jnp.bfloat16
+
+
+def test_stacked_floating_aux_keeps_its_dtype_under_pmap():
+  def loss(params, batch):
+    value = mlp_loss(params, batch)
+    return value, value.astype(jnp.bfloat16)
+
+  x, y = mlp_batch(jax.random.key(3), 64)
+  batch = jax.tree.map(lambda a: a.reshape(8, 8, *a.shape[1:]), (x, y))
+  f = jax.pmap(jaxaccum.value_and_grad(loss, num_microbatches=2, has_aux=True,
+                                       aux_reduction="stack", axis_name="i"),
+               axis_name="i", in_axes=(None, 0))
+  (_, aux), _ = f(PARAMS, batch)
+  assert aux.dtype == jnp.bfloat16 and aux.shape == (8, 2)

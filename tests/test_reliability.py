@@ -159,3 +159,32 @@ def test_a_python_number_as_state(policy, expected):
   (_, count), _ = jaxaccum.value_and_grad(loss, num_microbatches=2, state_argnums=2,
                                           state_policy=policy)(PARAMS, BATCH, 0.0)
   assert float(count) == expected
+
+
+@pytest.mark.parametrize("bad_weight", [np.nan, -1.0])
+def test_a_bad_weight_stays_nan_when_its_micro_batch_is_skipped(bad_weight):
+  x, y = BATCH
+  w = jnp.tile(jnp.asarray([1.0, bad_weight], jnp.float32), 4)
+  poison = jnp.tile(jnp.asarray([0.0, np.nan], jnp.float32), 4)
+
+  def loss(params, batch):
+    return mlp_loss(params, batch[:2]) + batch[3][0]
+
+  value, grads = jaxaccum.value_and_grad(
+      loss, num_microbatches=2, skip_nonfinite=True, weight_fn=lambda b: b[2][0])(
+          PARAMS, (x, y, w, poison))
+  assert np.isnan(float(value))
+  assert all(np.isnan(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_all_skipped_gives_nan_mean_aux():
+  x, y = BATCH
+  poison = jnp.full(8, np.nan)
+
+  def loss(params, batch):
+    value = mlp_loss(params, batch[:2]) + batch[2][0]
+    return value, {"accuracy": jnp.float32(1.0)}
+
+  (value, aux), _ = jaxaccum.value_and_grad(
+      loss, num_microbatches=2, skip_nonfinite=True, has_aux=True)(PARAMS, (x, y, poison))
+  assert np.isnan(float(value)) and np.isnan(float(aux["accuracy"]))
