@@ -117,7 +117,7 @@ def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tup
     aux = [done["aux"][i] if i in done.get("aux", {}) else _device_mean(stacked[i], devices)
            if i in stacked else None for i in range(len(kinds))]
     states = _states(options, seq_states, done.get("mean_states", {}), devices)
-    stats = (_make_stats(options, sums, n, _split.batch_size(batch), devices)
+    stats = (_make_stats(totals, n, _split.batch_size(batch))
              if options.with_stats else None)
     return Outputs(done["value"], aux, states, done["grads"], stats), concat
 
@@ -188,17 +188,12 @@ def _states(options: Options, seq_states: tuple, means: dict, devices: int) -> t
   return tuple(out)
 
 
-def _make_stats(options: Options, sums: dict, n: int, size: int, devices: int) -> _stats.AccumulationStats:
+def _make_stats(totals: _reducers.Totals, n: int, size: int) -> _stats.AccumulationStats:
   """The noise-scale statistics from the reduced sums."""
+  sums, devices = totals.sums, totals.devices
   counts = sums["counts"]
-  weight = sums.get("weight")
-  acc = sums["grads"]
-  if options.weighted:
-    mean = jax.tree.map(lambda g: _dtypes.ratio(g, weight.astype(g.dtype)), acc)
-  else:
-    mean = jax.tree.map(lambda g: g / jnp.asarray(n * devices, g.dtype), acc)
   small_sq = _dtypes.ratio(sums["sq_norm"], counts["sampled"])
-  big_sq = _stats.sq_norm(mean)
+  big_sq = _stats.sq_norm(jax.tree.map(totals.mean, sums["grads"]))
   b_small = jnp.asarray(size // n, jnp.int32)
   b_big = b_small.astype(jnp.float32) * counts["sampled"]
   g2, trace, scale = _stats.noise_estimates(small_sq, big_sq, b_small, b_big)

@@ -126,11 +126,7 @@ def unpack(options: Options, out: Any) -> tuple[jax.Array, PyTree, tuple]:
   if not options.state_argnums:
     value, aux = out if options.has_aux else (out, ())
     return value, aux, ()
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    expected = "(loss, (aux, new_state))" if options.has_aux else "(loss, new_state)"
-    raise TypeError(
-        f"with state_argnums={options.state_argnums}, fun must return {expected}; "
-        f"it returned {type(out).__name__}")
+  # fun's output was checked to be a pair when the function was built.
   value, rest = out
   aux, states = rest if options.has_aux else ((), rest)
   states = tuple(states) if options.state_is_tuple else (states,)

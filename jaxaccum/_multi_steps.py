@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxaccum import _dtypes, _sharded
+from jaxaccum import _dtypes, _options, _sharded
 from jaxaccum import _multi_steps_checks as _checks
 
 Params = Any
@@ -222,7 +222,7 @@ def multi_steps(
       shared_skip=should_skip_update_fn is not None,
       accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
       axis_name=axis_name,
-      axes=_checks.axes_of(axis_name),
+      axes=_options.axes_of("axis_name", axis_name),
   )
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxaccum import _options, _sharded
+from jaxaccum import _sharded
 
 Updates = Any
 
@@ -97,10 +97,6 @@ def check_structure(updates: Updates, acc_grads: Any) -> None:
         "multi_steps: the gradients do not have the structure of the parameters "
         f"the state was initialized with: got {got}, expected {want}; pass "
         "gradients of the same pytree as the params given to init")
-
-
-def axes_of(axis_name: Any) -> tuple[Hashable, ...]:
-  return _options.axes_of("axis_name", axis_name)
 
 
 def check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:

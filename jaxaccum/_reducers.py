@@ -43,11 +43,18 @@ class Totals(NamedTuple):
   like: Micro
   single: bool
 
-  def denominator(self, dtype: Any) -> jax.Array:
-    """What a mean divides by: the weights' sum, else ``N * D``."""
-    if "weight" in self.sums:
-      return self.sums["weight"]
-    return jnp.asarray(self.count, dtype)
+  def mean(self, total: jax.Array) -> jax.Array:
+    """``total`` over the weights' sum (else ``N * D``); zero for zero weight."""
+    weight = self.sums.get("weight", self.count)
+    return _dtypes.ratio(total, jnp.asarray(weight).astype(total.dtype))
+
+  def as_given(self, x: jax.Array) -> jax.Array:
+    """The single micro-batch's own ``x`` as a weighted mean: ``w * x / w`` can
+    differ from ``x`` in the last bit, so ``x`` itself (zero for zero weight,
+    NaN for a NaN weight)."""
+    w = self.sums["weight"]
+    return jnp.where(jnp.isnan(w), jnp.full_like(x, np.nan),
+                     jnp.where(w != 0, x, jnp.zeros_like(x)))
 
   def nan_if_all_skipped(self, x: jax.Array) -> jax.Array:
     """NaN where ``skip_nonfinite`` left out every weighted micro-batch."""
@@ -70,26 +77,21 @@ class Reducer(NamedTuple):
   finalize: Callable[[PyTree, Totals], Any]
 
 
-def _mean_or_sum(options: Options) -> Callable[[jax.Array, Totals], jax.Array]:
-  def finish(total, totals):
-    if options.reduction == "sum":
-      return total
-    return _dtypes.ratio(total, totals.denominator(total.dtype).astype(total.dtype))
-  return finish
+def _finish(options: Options, total: jax.Array, like: jax.Array, totals: Totals):
+  """The value or a gradient leaf from its reduced sum, in ``like``'s dtype."""
+  if options.reduction == "sum":
+    out = total.astype(like.dtype)
+  elif totals.single and options.weighted:
+    out = totals.as_given(like)
+  else:
+    out = totals.mean(total).astype(like.dtype)
+  return totals.nan_if_all_skipped(out)
 
 
 def value(options: Options) -> Reducer:
-  finish = _mean_or_sum(options)
 
   def finalize(total, totals):
-    like = totals.like.value
-    if totals.single and options.weighted and options.reduction == "mean":
-      # w * f / w can differ from f in the last bit: return f itself.
-      out = jnp.where(totals.sums["weight"] != 0, like, jnp.zeros_like(like))
-      out = jnp.where(jnp.isnan(totals.sums["weight"]), jnp.full_like(like, np.nan), out)
-    else:
-      out = finish(total, totals).astype(like.dtype)
-    return totals.nan_if_all_skipped(out)
+    return _finish(options, total, totals.like.value, totals)
 
   return Reducer(
       lambda m: _dtypes.scale_by_weight(m.value, m.weight, _dtypes.wide(m.value.dtype)),
@@ -97,22 +99,14 @@ def value(options: Options) -> Reducer:
 
 
 def grads(options: Options) -> Reducer:
-  finish = _mean_or_sum(options)
 
   def contribute(m):
     return jax.tree.map(lambda g: _dtypes.scale_by_weight(
         g, m.weight, _dtypes.accumulator_for(options.accumulator_dtype, g.dtype)), m.grads)
 
   def finalize(total, totals):
-    if totals.single and options.weighted and options.reduction == "mean":
-      w = totals.sums["weight"]
-      out = jax.tree.map(lambda g: jnp.where(
-          jnp.isnan(w), jnp.full_like(g, np.nan),
-          jnp.where(w != 0, g, jnp.zeros_like(g))), totals.like.grads)
-    else:
-      out = jax.tree.map(lambda s, g: finish(s, totals).astype(g.dtype),
-                         total, totals.like.grads)
-    return jax.tree.map(totals.nan_if_all_skipped, out)
+    return jax.tree.map(lambda s, g: _finish(options, s, g, totals), total,
+                        totals.like.grads)
 
   return Reducer(contribute, finalize)
 
@@ -147,7 +141,7 @@ def aux(kinds: tuple[str, ...]) -> Reducer:
 
     def mean(i, s):
       # Floating leaves keep their dtype; integer and boolean ones become float32.
-      out = _dtypes.ratio(s, totals.denominator(s.dtype).astype(s.dtype))
+      out = totals.mean(s)
       dtype = jnp.dtype(getattr(like[i], "dtype", None) or jnp.asarray(like[i]).dtype)
       floating = jnp.issubdtype(dtype, jnp.inexact)
       return totals.nan_if_all_skipped(out.astype(dtype) if floating else out)
