@@ -30,6 +30,7 @@ import os as _os
 from jax._src import traceback_util as _traceback_util
 
 from jaxaccum._accumulate import grad, value_and_grad
+from jaxaccum._deferred import DeferredGrads
 from jaxaccum._hlo import CollectiveCounts, CollectivesByKind, count_collectives
 from jaxaccum._multi_steps import MultiStepsState, has_updated, multi_steps
 from jaxaccum._noise_scale import NoiseScaleSmoother, NoiseScaleState, noise_scale_ema
@@ -42,6 +43,7 @@ __all__ = [
     "AccumulationStats",
     "CollectiveCounts",
     "CollectivesByKind",
+    "DeferredGrads",
     "MicrobatchPlan",
     "MultiStepsState",
     "NoiseScaleSmoother",
