@@ -71,49 +71,37 @@ def value_and_grad(
     # axis_name / data_axis: reduced across devices here, once
 
   Args:
-    fun: function to differentiate, returning a scalar loss (``(loss, aux)``
-      with ``has_aux=True``).
-    num_microbatches: ``N``. Exactly one of this and ``microbatch_size``.
+    fun: returns a scalar loss (``(loss, aux)`` with ``has_aux=True``).
+    num_microbatches: ``N``; exactly one of this and ``microbatch_size``.
     microbatch_size: rows per micro-batch, ``B / N``.
     argnums: positional argument(s) to differentiate with respect to.
-    batch_argnums: argument(s) holding the batch (default ``1``, or none with
-      ``batch_argnames``); bound to ``fun``'s signature, so they may be
-      passed by keyword too.
-    batch_argnames: keyword argument(s) holding the batch.
+    batch_argnums: the batch argument(s) (default ``1``), bound to ``fun``'s
+      signature as ``jax.jit`` binds ``static_argnums``.
+    batch_argnames: keyword batch argument(s).
     has_aux: whether ``fun`` returns ``(loss, aux)``.
-    weight_fn: ``weight_fn(*micro_batch_args)``: a micro-batch's weight
-      (e.g. its tokens); the result is ``sum_i w_i f_i / sum_i w_i``.
+    weight_fn: ``weight_fn(*micro_batch_args)``, one micro-batch's weight.
     reduction: ``"mean"`` or ``"sum"`` over micro-batches.
-    aux_reduction: ``"mean"``, ``"sum"``, ``"stack"``, ``"concat"`` (per-example
-      rows in the batch's order), or a pytree prefix of the aux of these.
+    aux_reduction: ``"mean"``, ``"sum"``, ``"stack"``, ``"concat"``, or a
+      pytree prefix of the aux of these.
     accumulator_dtype: the least precise dtype gradients are summed in.
     rng_argnums: PRNG key argument(s); micro-batch ``i`` gets ``fold_in(key, i)``.
-    axis_name: inside ``jax.pmap`` / ``jax.shard_map``: the axis to reduce
-      over, once, after the loop.
-    data_axis: under ``jax.jit`` over a batch sharded along this mesh axis
-      (or axes): gradients reduced once, in the parameters' sharding.
+    axis_name: inside ``pmap`` / ``shard_map``: the axis to reduce over.
+    data_axis: under ``jit`` over a batch sharded along this mesh axis (axes).
     mesh: the mesh of ``data_axis`` (default: the ambient mesh).
-    state_argnums: mutable state argument(s) (BatchNorm statistics); ``fun``
-      then returns ``(loss, new_state)``.
+    state_argnums: mutable state argument(s), such as BatchNorm statistics.
     state_policy: ``"sequential"`` or ``"mean"``, per state argument.
     with_stats: also return :class:`jaxaccum.AccumulationStats`.
-    skip_nonfinite: leave out micro-batches with a non-finite loss or gradient.
-    fsdp_gather: ``"once"`` or ``"per_microbatch"``, for parameters sharded
-      over a data axis.
+    skip_nonfinite: leave out micro-batches with non-finite loss or gradients.
+    fsdp_gather: ``"once"`` or ``"per_microbatch"`` (FSDP parameters).
     param_specs: on Auto mesh axes, the differentiated arguments' specs.
-    defer_reduction: with ``data_axis``: return the gradients unreduced, as a
-      :class:`jaxaccum.DeferredGrads` for ``multi_steps(data_axis=...)``.
+    defer_reduction: return :class:`jaxaccum.DeferredGrads` (``data_axis``).
     in_axes: the batch axis of each batch argument (one int for all).
-    num_real_microbatches: compute only the first ``n <= N`` micro-batches
-      (rows ``r`` with ``r % N < n``); may be traced, so a padded last batch
-      does not recompile.
+    num_real_microbatches: compute the first ``n <= N`` only (may be traced).
 
   Returns:
     A function with ``fun``'s signature returning what
-    ``jax.value_and_grad(fun, argnums, has_aux)`` returns (with
-    ``state_argnums``, the final state in the aux's place; with
-    ``with_stats``, paired with the statistics). Every option in detail:
-    ``docs/semantics.md``; multi-device: ``docs/scale-out.md`` and
+    ``jax.value_and_grad(fun, argnums, has_aux)`` returns. Every option in
+    detail: ``docs/semantics.md``; devices: ``docs/scale-out.md``,
     ``docs/sharded.md``.
 
   Raises:

@@ -86,10 +86,10 @@ def plan(options: Options, binding: Binding, args: tuple, kwargs: dict,
              zip(options.batch_argnums, binding.names)]
   located += [("kw", k) if k in kwargs else ("arg", p) for k, p in
               zip(options.batch_argnames, binding.positions)]
-  for (where, key), given in zip(located, _given(options)):
-    present = key is not None and (key < len(args) if where == "arg" else key in kwargs)
-    if not present:
-      raise ValueError(_missing_batch(options, given, args, kwargs))
+  missing = [given for (where, key), given in zip(located, _given(options))
+             if key is None or not (key < len(args) if where == "arg" else key in kwargs)]
+  if missing:
+    raise ValueError(_missing_batch(options, missing, args, kwargs))
   if len(set(located)) != len(located):
     raise ValueError(
         f"batch_argnums={options.batch_argnums} and batch_argnames="
@@ -110,19 +110,18 @@ def plan(options: Options, binding: Binding, args: tuple, kwargs: dict,
   return Plan(positions, names, axes, size, n, devices)
 
 
-def _given(options: Options) -> list[str]:
-  return ([f"batch_argnums entry {p}" for p in options.batch_argnums]
-          + [f"batch_argnames entry {k!r}" for k in options.batch_argnames])
+def _given(options: Options) -> list[Any]:
+  return list(options.batch_argnums) + list(options.batch_argnames)
 
 
-def _missing_batch(options: Options, given: str, args: tuple, kwargs: dict) -> str:
+def _missing_batch(options: Options, missing: list, args: tuple, kwargs: dict) -> str:
   passed = f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}"
-  fix = ("pass the batch as an argument of fun (a loss that reads its data from a "
-         "closure cannot be split), name a keyword batch with batch_argnames=, and a "
-         "positional one with batch_argnums=")
-  return (f"{given} (batch_argnums={options.batch_argnums}, batch_argnames="
-          f"{options.batch_argnames}) names no argument of this call, which passed "
-          f"{passed}: {fix}")
+  fix = ("the batch must be an argument of fun (a loss that reads its data from a "
+         "closure cannot be split): pass it, naming a keyword batch with "
+         "batch_argnames= and a positional one with batch_argnums=")
+  return (f"batch_argnums={options.batch_argnums}, batch_argnames="
+          f"{options.batch_argnames} name arguments {missing} that this call does not "
+          f"pass (it passes {passed}); {fix}")
 
 
 def _num_microbatches(options: Options, size: int) -> int:

@@ -123,7 +123,7 @@ def test_keyword_only_batch_names_batch_argnames():
 
 
 def test_closure_over_data_says_the_batch_must_be_an_argument():
-  with pytest.raises(ValueError, match="must be an argument|as an argument of fun"):
+  with pytest.raises(ValueError, match="must be an argument of fun"):
     jaxaccum.value_and_grad(lambda p: mlp_loss(p, (X, Y)), num_microbatches=N)(PARAMS)
 
 
