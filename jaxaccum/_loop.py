@@ -45,15 +45,15 @@ class Outputs(NamedTuple):
   stats: Any
 
 
-def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
-               args: tuple, kwargs: dict) -> Outputs:
+def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
+               strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
   """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
   return strategy.run(lambda strategy, args, kwargs: _run(
       options, plan, grad_fn, strategy, args, kwargs), args, kwargs)
 
 
-def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
-         args: tuple, kwargs: dict) -> Outputs:
+def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
+         strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
   """The loop on one device (or on each device of ``strategy``)."""
   batch = _microbatch.batch_of(plan, args, kwargs)
   args = list(args)
@@ -89,7 +89,7 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: An
                    like, rows)
 
 
-def _contribution(reducers: dict, kinds: tuple, strategy: Any, m: Micro):
+def _contribution(reducers: dict, kinds: tuple, strategy: _parallel.Strategy, m: Micro):
   """What micro-batch ``m`` adds to the sums, and its stacked aux leaves."""
   sums = {name: r.contribute(m) for name, r in reducers.items()}
   sums["grads"] = strategy.gradients(sums["grads"])
@@ -122,8 +122,9 @@ def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan
   return traced_jaxpr, like, seq_like
 
 
-def _scan(contribution: Callable[[Micro], Any], strategy: Any, traced: Callable[..., Any],
-          strided: _microbatch.Batch, plan: Plan, seq_init: tuple, like: Micro, real: Any):
+def _scan(contribution: Callable[[Micro], Any], strategy: _parallel.Strategy,
+          traced: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
+          seq_init: tuple, like: Micro, real: Any):
   """The sums over micro-batches ``0 .. N - 1`` (those below ``real`` only)."""
   sum_shapes, stack_shapes = jax.eval_shape(contribution, like)
   zeros = _like(strategy.zeros(sum_shapes), sum_shapes)
@@ -159,8 +160,8 @@ def _like(tree: PyTree, shapes: PyTree) -> PyTree:
   return jax.tree.map(cast, tree, shapes)
 
 
-def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: tuple,
-            sums: dict, seq_states: tuple, stacked: dict, like: Micro,
+def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers: dict,
+            kinds: tuple, sums: dict, seq_states: tuple, stacked: dict, like: Micro,
             rows: int) -> Outputs:
   """The one cross-device reduction, then every reducer's ``finalize``."""
   concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
