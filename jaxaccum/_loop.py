@@ -48,13 +48,24 @@ class Outputs(NamedTuple):
 def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
                strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
   """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
-  return strategy.run(lambda strategy, args, kwargs: _run(
-      options, plan, grad_fn, strategy, args, kwargs), args, kwargs)
+  real = options.num_real_microbatches
+  if not isinstance(real, jax.Array):
+    return strategy.run(lambda strategy, args, kwargs: _run(
+        options, plan, grad_fn, strategy, args, kwargs, real), args, kwargs)
+
+  def loop(strategy, args, kwargs):
+    *args, traced_real = args
+    return _run(options, plan, grad_fn, strategy, tuple(args), kwargs, traced_real)
+
+  # An array count travels as one more (replicated) argument: a shard_map over
+  # Explicit axes may not close over it.
+  return strategy.run(loop, args + (real,), kwargs)
 
 
 def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
-         strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
-  """The loop on one device (or on each device of ``strategy``)."""
+         strategy: _parallel.Strategy, args: tuple, kwargs: dict, real: Any) -> Outputs:
+  """The loop on one device (or on each device of ``strategy``); ``real``:
+  ``num_real_microbatches``."""
   batch = _microbatch.batch_of(plan, args, kwargs)
   args = list(args)
   for i, diff in zip(options.argnums, strategy.prepare(tuple(args[i] for i in options.argnums))):
@@ -83,10 +94,10 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
       reducers = _reducers.build(options, kinds, mean_inputs)
       sums, seq_states, stacked = _scan(
           lambda m: _contribution(reducers, kinds, strategy, m), strategy, traced,
-          strided, plan, _like(seq_init, seq_like), like, options.num_real_microbatches)
+          strided, plan, _like(seq_init, seq_like), like, real)
   with jax.named_scope("jaxaccum/reduce"):
     return _reduce(options, plan, strategy, reducers, kinds, sums, seq_states, stacked,
-                   like, rows)
+                   like, rows, real)
 
 
 def _contribution(reducers: dict, kinds: tuple, strategy: _parallel.Strategy, m: Micro):
@@ -162,7 +173,7 @@ def _like(tree: PyTree, shapes: PyTree) -> PyTree:
 
 def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers: dict,
             kinds: tuple, sums: dict, seq_states: tuple, stacked: dict, like: Micro,
-            rows: int) -> Outputs:
+            rows: int, real: Any) -> Outputs:
   """The one cross-device reduction, then every reducer's ``finalize``."""
   concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
             if kinds[i] == "concat"}
@@ -170,7 +181,6 @@ def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers
   (sums, seq_states, stacked), grads = strategy.reduce((sums, seq_states, stacked), grads)
   sums["grads"] = grads
   devices = strategy.num_devices()
-  real = options.num_real_microbatches
   n = plan.n if real is None else real
   totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1,
                             _valid_real(real, plan.n))
