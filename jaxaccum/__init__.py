@@ -22,7 +22,8 @@ Modules, one concept each:
 
 Data flow of one call: options -> micro-step -> reducers -> one reduction ->
 result. ``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax
-Linen adapters) are imported on first use, so the core never imports flax.
+Linen adapters) are imported on first use, so the core never imports flax:
+flax is an optional dependency (``pip install 'jaxaccum[flax]'``).
 """
 
 import os as _os

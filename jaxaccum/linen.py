@@ -10,8 +10,8 @@
   :func:`scaled_value_and_grad` with :func:`apply_scaled_gradients` (across
   steps).
 
-This module imports flax; ``import jaxaccum`` does not (``jaxaccum.linen`` is
-imported on first use).
+This module imports flax (the ``flax`` extra: ``pip install 'jaxaccum[flax]'``);
+``import jaxaccum`` does not (``jaxaccum.linen`` is imported on first use).
 
 Example:
 
@@ -36,11 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
-from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 
+from jaxaccum import _compat
 from jaxaccum._accumulate import value_and_grad as _value_and_grad
 from jaxaccum._multi_steps import MultiStepsState, has_updated
+
+# Before flax is imported: without it, the error names the extra to install.
+_compat.require_flax("jaxaccum.linen")
+
+from flax.training import train_state  # noqa: E402
+from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult  # noqa: E402
 
 __all__ = [
     "TrainState",

@@ -38,13 +38,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
-from jaxaccum import _accumulate, _nnx_args, _parallel
+from jaxaccum import _accumulate, _compat, _parallel
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
 from jaxaccum._result import Layout
+
+# Before flax is imported: without it, the error names the extra to install.
+_compat.require_flax("jaxaccum.nnx")
+
+from flax import nnx  # noqa: E402
+
+from jaxaccum import _nnx_args  # noqa: E402
 
 __all__ = ["grad", "value_and_grad"]
 
