@@ -578,3 +578,21 @@ def test_guide_sharded_model_options_reach_the_core():
   with pytest.raises(ValueError, match="param_specs"):
     jaxaccum.nnx.value_and_grad(mse, argnums=(0,), num_microbatches=2, data_axis="data",
                                 param_specs=P())
+
+
+def test_guide_sharded_model_reduce_scatters_the_fsdp_gradient():
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(_create_sharded())
+    batch = jax.device_put(data(rows=32, din=16, dout=16), P("data"))
+    scattered = {}
+    for name, options in (("metadata", {}), ("replicated", {"param_specs": P()})):
+      vg = jaxaccum.nnx.value_and_grad(mse, num_microbatches=2, batch_argnums=(1, 2),
+                                       data_axis="data", **options)
+      counts = jaxaccum.count_collectives(
+          jax.jit(lambda state, x, y, vg=vg: vg(nnx.merge(graphdef, state), x, y)),
+          state, *batch)
+      scattered[name] = counts.outside_loops.reduce_scatter
+      assert counts.inside_loops.reduce_scatter == 0
+  # The FSDP kernel's gradient: reduce-scattered after the loop, not all-reduced.
+  assert scattered == {"metadata": 1, "replicated": 0}
