@@ -82,41 +82,27 @@ def value_and_grad(
 
   ``f(model, *args)`` is differentiated on one micro-batch of the batch
   arguments at a time inside a ``lax.scan``; the module's state is updated in
-  place, as by :func:`flax.nnx.value_and_grad` (RNG counts advance micro-batch
-  after micro-batch; BatchNorm statistics follow ``state_policy``).
+  place, as by :func:`flax.nnx.value_and_grad`. The options not listed here
+  (``microbatch_size``, ``batch_argnames``, ``weight_fn``, ``reduction``,
+  ``aux_reduction``, ``accumulator_dtype``, ``axis_name``, ``mesh``,
+  ``with_stats``, ``skip_nonfinite``, ``fsdp_gather``) mean what they mean
+  for :func:`jaxaccum.value_and_grad`; ``docs/flax.md`` details the NNX ones.
 
   Args:
     f: ``f(model, *args)`` returning a scalar loss, or ``(loss, aux)``. Its
-      arguments are NNX objects, pytrees of them, or arrays; it must not add
-      variables to the module (no ``sow``).
-    argnums: as for :func:`flax.nnx.value_and_grad`: the argument(s) to
-      differentiate (an NNX object, a pytree of them or of arrays), each an
-      int or an :class:`flax.nnx.DiffState`. A tuple returns a tuple.
-    wrt: NNX filter of the variables to differentiate (default ``nnx.Param``).
+      arguments are NNX objects, pytrees of them, or arrays.
+    argnums: the argument(s) to differentiate (an NNX object, a pytree of
+      them or arrays), each an int or an :class:`flax.nnx.DiffState`; a tuple
+      returns a tuple, as for :func:`flax.nnx.value_and_grad`.
+    wrt: NNX filter of the variables to differentiate.
     has_aux: whether ``f`` returns ``(loss, aux)``.
-    num_microbatches: number of micro-batches ``N`` (or ``microbatch_size``).
-    microbatch_size: rows per micro-batch, ``B / N``.
+    num_microbatches: number of micro-batches ``N``.
     batch_argnums: position(s) of the batch argument(s) (default ``1``).
-    batch_argnames: keyword argument(s) holding batches.
-    weight_fn: the weight of one micro-batch, from its batch arguments.
-    reduction: ``"mean"`` or ``"sum"`` over micro-batches.
-    aux_reduction: how the aux is reduced (a name or a pytree of them).
-    accumulator_dtype: dtype the gradients are summed in.
-    axis_name: axis name(s) inside ``jax.shard_map`` / ``jax.pmap``.
     data_axis: mesh axis the batch is sharded over, for a jitted step.
-    mesh: the mesh for ``data_axis`` (default: the ambient mesh).
     state_policy: ``"sequential"`` or ``"mean"``, for ``nnx.BatchStat``.
-    with_stats: also return a :class:`jaxaccum.AccumulationStats`.
-    skip_nonfinite: leave out micro-batches whose loss or gradients are not
-      finite (and their state updates).
-    fsdp_gather: ``"once"`` or ``"per_microbatch"``, for parameters sharded
-      over ``data_axis``.
-    param_specs: the parameters' ``PartitionSpec`` s on Auto mesh axes (one
-      spec, or a pytree prefix of the gradients); by default those of the
+    param_specs: the parameters' ``PartitionSpec`` s on Auto mesh axes (one,
+      or a pytree prefix of the gradients); by default those of the
       Variables' sharding metadata (``nnx.with_partitioning``).
-
-  Every option means what it means for :func:`jaxaccum.value_and_grad`;
-  ``docs/flax.md`` details the NNX ones.
 
   Returns:
     A function with ``f``'s signature returning ``(loss, grads)`` or
@@ -124,16 +110,14 @@ def value_and_grad(
     :func:`flax.nnx.value_and_grad` (and ``(that, stats)`` with ``with_stats``).
 
   Raises:
-    TypeError: an option of the wrong type.
-    ValueError: an option of a wrong value, e.g. ``batch_argnums=0``.
+    TypeError, ValueError: an option of the wrong type or value.
 
   Example:
 
     >>> import jax.numpy as jnp, jaxaccum.nnx
     >>> from flax import nnx
     >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
-    >>> def loss_fn(model, x, y):
-    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
     >>> x = jnp.arange(24.0).reshape(8, 3) / 24
     >>> y = x.sum(axis=1, keepdims=True)
     >>> loss, grads = jaxaccum.nnx.value_and_grad(
