@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _accumulate, _compat, _parallel
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
-from jaxaccum._result import Layout
+from jaxaccum._accumulate import Layout
 
 # Before flax is imported: without it, the error names the extra to install.
 _compat.require_flax("jaxaccum.nnx")
