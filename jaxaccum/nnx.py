@@ -42,6 +42,7 @@ from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _accumulate, _compat, _parallel
+from jaxaccum._deferred import DeferredGrads
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
 from jaxaccum._accumulate import Layout
 
@@ -77,6 +78,7 @@ def value_and_grad(
     skip_nonfinite: bool = False,
     fsdp_gather: str = "once",
     param_specs: Any = None,
+    defer_reduction: bool = False,
 ) -> Callable[..., Any]:
   """Like :func:`flax.nnx.value_and_grad`, accumulated over micro-batches.
 
@@ -85,8 +87,9 @@ def value_and_grad(
   place, as by :func:`flax.nnx.value_and_grad`. The options not listed here
   (``microbatch_size``, ``batch_argnames``, ``weight_fn``, ``reduction``,
   ``aux_reduction``, ``accumulator_dtype``, ``axis_name``, ``mesh``,
-  ``with_stats``, ``skip_nonfinite``, ``fsdp_gather``) mean what they mean
-  for :func:`jaxaccum.value_and_grad`; ``docs/flax.md`` details the NNX ones.
+  ``with_stats``, ``skip_nonfinite``, ``fsdp_gather``, ``defer_reduction``)
+  mean what they mean for :func:`jaxaccum.value_and_grad`; ``docs/flax.md``
+  details the NNX ones.
 
   Args:
     f: ``f(model, *args)`` returning a scalar loss, or ``(loss, aux)``. Its
@@ -152,6 +155,7 @@ def grad(
     skip_nonfinite: bool = False,
     fsdp_gather: str = "once",
     param_specs: Any = None,
+    defer_reduction: bool = False,
 ) -> Callable[..., Any]:
   """Like :func:`flax.nnx.grad`, accumulated over micro-batches.
 
@@ -274,8 +278,13 @@ class _Accumulated:
                               parts["frozen"], **kwargs)
     for node, stats, rest in zip(arguments.nodes(args), *outputs.states):
       nnx.update(node, stats, rest)
-    grads = outputs.grads[0] if spec.single else outputs.grads
-    return self.nest(outputs._replace(grads=grads, states=()))
+    return self.nest(outputs._replace(grads=self._grads(outputs.grads), states=()))
+
+  def _grads(self, grads: Any) -> Any:
+    """The gradients as the user's ``argnums`` nest them (deferred ones too)."""
+    if isinstance(grads, DeferredGrads):
+      return DeferredGrads(self._grads(grads.partials), grads.axes)
+    return grads[0] if self.spec.single else grads
 
   def _core(self, arguments: _nnx_args.Arguments, options: Options) -> Callable[..., Any]:
     """The core accumulated function for one structure of arguments."""

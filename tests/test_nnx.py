@@ -596,3 +596,24 @@ def test_guide_sharded_model_reduce_scatters_the_fsdp_gradient():
       assert counts.inside_loops.reduce_scatter == 0
   # The FSDP kernel's gradient: reduce-scattered after the loop, not all-reduced.
   assert scattered == {"metadata": 1, "replicated": 0}
+
+
+@pytest.mark.parametrize("argnums", [0, (0,)])
+def test_defer_reduction_returns_the_partial_sums(argnums):
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:4])
+  model = MLP(nnx.Rngs(0))
+  batch = data()
+  ref_loss, ref_grads = nnx.value_and_grad(mse)(model, *batch)
+  with jax.set_mesh(mesh):
+    batch = jax.device_put(batch, P("data"))
+    loss, deferred = nnx.jit(jaxaccum.nnx.value_and_grad(
+        mse, argnums=argnums, num_microbatches=2, batch_argnums=(1, 2), data_axis="data",
+        defer_reduction=True))(model, *batch)
+  assert isinstance(deferred, jaxaccum.DeferredGrads) and deferred.axes == ("data",)
+  partials = deferred.partials if argnums == 0 else deferred.partials[0]
+  assert isinstance(partials, nnx.State)
+  assert all(p.shape[0] == 4 for p in leaves(partials))
+  # The sum over the devices is the gradient the call returns without deferring.
+  summed = jax.tree.map(lambda p: p.sum(0), nnx.to_pure_dict(partials))
+  assert_rel_close((loss, summed), (ref_loss, nnx.to_pure_dict(ref_grads)))
