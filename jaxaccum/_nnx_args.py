@@ -34,7 +34,7 @@ def _is_node(x: Any) -> bool:
 
 
 class Arguments(NamedTuple):
-  """Where the NNX objects are among the arguments (hashable: a cache key).
+  """Where the NNX objects are among the arguments.
 
   Attributes:
     treedefs: per argument, its structure with NNX objects as leaves, or

@@ -270,7 +270,8 @@ class _Accumulated:
     arguments, parts, plain = _nnx_args.Arguments.split(args, spec.diff)
     diff = tuple(plain[i] for i in spec.diff)
     param_specs = spec.param_specs(diff)
-    key = (arguments, tuple(jax.tree.leaves(param_specs, is_leaf=_is_spec)))
+    # The filters are the same for every call (and may be unhashable lists).
+    key = (arguments._replace(diff=()), tuple(jax.tree.leaves(param_specs, is_leaf=_is_spec)))
     if key not in self.cores:
       self.cores[key] = self._core(arguments, spec.core_options(len(args), param_specs))
     others = tuple(None if i in spec.diff else a for i, a in enumerate(plain))
