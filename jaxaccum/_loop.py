@@ -100,19 +100,26 @@ def _contribution(reducers: dict, kinds: tuple, strategy: Any, m: Micro):
 
 def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
                 seq_init: tuple) -> tuple[Callable[..., Any], Micro, tuple]:
-  """``step`` traced once (the only trace of the user's loss), as a function
-  that evaluates that trace, and the types of its outputs."""
+  """``step`` traced once (the only trace of the user's loss), as a function the
+  scan body calls without tracing ``step`` again, and the types of its outputs."""
   zero = jnp.zeros([], jnp.int32)
-  closed, shapes = jax.make_jaxpr(step, return_shape=True)(
-      zero, _microbatch.microbatch(strided, plan, zero), seq_init)
+  micro = _microbatch.microbatch(strided, plan, zero)
+  if jax.sharding.get_abstract_mesh().empty:
+    # jit's cache holds the trace: the scan body binds one call of it.
+    traced = jax.jit(step)
+    like, seq_like = jax.eval_shape(traced, zero, micro, seq_init)
+    return traced, like, seq_like
+  # Under a mesh a jitted call may miss that cache (and a partly manual
+  # shard_map rejects it): the body evaluates the traced jaxpr instead.
+  closed, shapes = jax.make_jaxpr(step, return_shape=True)(zero, micro, seq_init)
   out_tree = jax.tree.structure(shapes)
   evaluate = jex_core.jaxpr_as_fun(closed)
 
-  def traced(index, micro, seq_states):
+  def traced_jaxpr(index, micro, seq_states):
     return out_tree.unflatten(evaluate(*jax.tree.leaves((index, micro, seq_states))))
 
   like, seq_like = out_tree.unflatten(closed.out_avals)
-  return traced, like, seq_like
+  return traced_jaxpr, like, seq_like
 
 
 def _scan(contribution: Callable[[Micro], Any], strategy: Any, traced: Callable[..., Any],
