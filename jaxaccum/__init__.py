@@ -23,7 +23,8 @@ Modules, one concept each, in the order one call of
   memory, noise-scale statistics.
 
 ``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax Linen
-adapters) are imported on first use, so the core never imports flax.
+adapters) are imported on first use, so the core never imports flax: flax is
+an optional dependency (``pip install 'jaxaccum[flax]'``).
 """
 
 import os as _os

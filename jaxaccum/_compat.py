@@ -15,14 +15,18 @@ The rest of the package calls these names instead of the moving jax APIs:
 * :func:`has_reduced_specs`: whether ``PartitionSpec(reduced=..., unreduced=...)``
   shardings work (jax >= 0.8), for code that must fall back where they do not.
 
-This module imports flax only inside :func:`nnx_merge_copy`, which only the
-Flax adapter calls, so the core stays free of flax.
+* :func:`require_flax`: flax is an optional dependency (the ``flax`` extra);
+  :mod:`jaxaccum.nnx` and :mod:`jaxaccum.linen` call it before importing it.
+
+This module imports flax only inside the functions the Flax adapters call, so
+the core stays free of flax.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib
 import inspect
 from collections.abc import Hashable
 from typing import Any
@@ -99,6 +103,16 @@ def _probe_reduced_specs() -> bool:
     except (TypeError, ValueError, NotImplementedError):
       return False
   return "x" in grad.sharding.spec.unreduced
+
+
+def require_flax(module: str) -> None:
+  """Imports flax, or raises an ImportError that names the extra to install."""
+  try:
+    importlib.import_module("flax")
+  except ImportError as e:
+    raise ImportError(
+        f"{module} needs flax, which is not installed: pip install 'jaxaccum[flax]' "
+        "(or pip install flax)", name="flax") from e
 
 
 @functools.cache

@@ -10,8 +10,8 @@
   :func:`scaled_value_and_grad` with :func:`apply_scaled_gradients` (across
   steps).
 
-This module imports flax; ``import jaxaccum`` does not (``jaxaccum.linen`` is
-imported on first use).
+This module imports flax (the ``flax`` extra: ``pip install 'jaxaccum[flax]'``);
+``import jaxaccum`` does not (``jaxaccum.linen`` is imported on first use).
 
 Example:
 
@@ -28,17 +28,24 @@ Example:
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax.training import train_state
-from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 
+from jaxaccum import _compat
 from jaxaccum._accumulate import value_and_grad as _value_and_grad
 from jaxaccum._multi_steps import MultiStepsState, has_updated
+
+# Before flax is imported: without it, the error names the extra to install.
+_compat.require_flax("jaxaccum.linen")
+
+from flax.training import train_state  # noqa: E402
+from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult  # noqa: E402
 
 __all__ = [
     "TrainState",
@@ -59,6 +66,17 @@ def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
     if _is_multi_steps_state(node):
       return node
   return None
+
+
+def _check_weight(weight: Any) -> None:
+  """A static weight (a Python or NumPy number) that is NaN or negative is an
+  error here, before anything changes; a traced one makes the cycle NaN."""
+  if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
+      weight, (bool, np.bool_)):
+    value = np.asarray(weight, np.float64)
+    if value.shape == () and not value >= 0:
+      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
+                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
 
 
 def _tx_update(state: train_state.TrainState, grads: Any, weight: Any) -> tuple[Any, Any]:
@@ -111,7 +129,13 @@ class TrainState(train_state.TrainState):
 
     Returns:
       The new state, ``step`` incremented by one.
+
+    Raises:
+      ValueError: a Python or NumPy ``weight`` that is NaN or negative (a
+        traced one makes the cycle's update NaN, as in
+        :func:`jaxaccum.multi_steps`).
     """
+    _check_weight(weight)
     if weight is None:
       return super().apply_gradients(grads=grads, **kwargs)
     # Flax's own apply_gradients, with a tx whose update receives the weight.
@@ -344,6 +368,11 @@ def apply_scaled_gradients(
     ``(new_state, new_dynamic_scale, is_fin)``; ``is_fin`` is false only on the
     last call of a cycle that was not applied.
 
+  Raises:
+    ValueError: a Python or NumPy ``weight`` that is NaN or negative, before
+      the scale is touched (a traced one makes the cycle non-finite, which
+      lowers the scale).
+
   Example:
 
     >>> import jax.numpy as jnp, optax, jaxaccum, jaxaccum.linen
@@ -358,6 +387,7 @@ def apply_scaled_gradients(
     (Array([0., 0.], dtype=float32), False, 32768.0)
   """
   _check_dynamic_scale(dynamic_scale)
+  _check_weight(weight)
   updates, opt_state = _tx_update(state, grads, weight)
   ms_state = _multi_steps_state(opt_state)
   decided = jnp.array(True) if ms_state is None else has_updated(ms_state)
