@@ -14,8 +14,8 @@ Modules, one concept each:
   (FSDP, tensor parallel) under ``data_axis``.
 - ``_result``: how the result is nested for the user.
 - ``_dtypes``: accumulator dtypes and weight rules, shared with
-  ``_multi_steps`` (accumulation across optimizer steps; its input checks in
-  ``_multi_steps_checks``).
+  ``_multi_steps`` (accumulation across optimizer steps, with its input
+  checks).
 - ``_hlo`` (over the parser ``_hlo_text``), ``_planner``, ``_noise_scale``,
   ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
   memory, noise-scale statistics.

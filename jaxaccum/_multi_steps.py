@@ -1,8 +1,15 @@
-"""Across-step accumulation: an optax transformation, inner update once a cycle."""
+"""Across-step accumulation: an optax transformation, inner update once a cycle.
+
+Options and inputs are validated here too: a value ``multi_steps`` cannot
+honour is a ``TypeError`` (wrong type) or a ``ValueError`` (wrong value)
+naming the option, the value and the fix, where it is known when tracing;
+a traced value it cannot honour makes the cycle's updates NaN.
+"""
 
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -13,7 +20,6 @@ import optax
 from jax import lax
 
 from jaxaccum import _dtypes, _options, _sharded
-from jaxaccum import _multi_steps_checks as _checks
 
 Params = Any
 Updates = Any
@@ -211,12 +217,12 @@ def multi_steps(
     >>> updates, bool(opt.has_updated(state))
     (Array([-0.2, -0.3], dtype=float32), True)
   """
-  _checks.check_inner(inner)
-  _checks.check_bool(use_grad_mean=use_grad_mean)
-  _checks.check_skip_fn(should_skip_update_fn)
+  _check_inner(inner)
+  _check_bool(use_grad_mean=use_grad_mean)
+  _check_skip_fn(should_skip_update_fn)
   cfg = _Config(
       inner=optax.with_extra_args_support(inner),
-      schedule=_checks.schedule_of(every_k_schedule),
+      schedule=_schedule_of(every_k_schedule),
       use_grad_mean=bool(use_grad_mean),
       skip_fn=_never_skip if should_skip_update_fn is None else should_skip_update_fn,
       shared_skip=should_skip_update_fn is not None,
@@ -266,11 +272,11 @@ def _init(cfg: _Config, params: Params) -> MultiStepsState:
 def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
-  _checks.check_structure(updates, state.acc_grads)
-  _checks.check_axes_bound(cfg.axis_name, cfg.axes)
-  k = _checks.every_k(cfg.schedule, state.gradient_step)
+  _check_structure(updates, state.acc_grads)
+  _check_axes_bound(cfg.axis_name, cfg.axes)
+  k = _every_k(cfg.schedule, state.gradient_step)
   skip, skip_state = cfg.skip_fn(updates, state.gradient_step, params)
-  skip = _checks.checked_skip(skip, cfg.axes if cfg.shared_skip else ())
+  skip = _checked_skip(skip, cfg.axes if cfg.shared_skip else ())
   w = (jnp.ones([], jnp.float32) if weight is None
        else _dtypes.checked_weight(weight, "weight").astype(jnp.float32))
   # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
@@ -367,3 +373,95 @@ def _cast_like_state(new: Any, old: Any) -> Any:
     return n
 
   return jax.tree.map(cast, new, old)
+
+
+# --- validation: what is known when tracing is an error naming the option ---
+
+
+def _check_inner(inner: Any) -> None:
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    hint = " (call it: optax.adam(1e-3), not optax.adam)" if callable(inner) else ""
+    raise TypeError(f"inner={inner!r} is not an optax.GradientTransformation{hint}")
+
+
+def _check_skip_fn(should_skip_update_fn: Any) -> None:
+  if should_skip_update_fn is not None and not callable(should_skip_update_fn):
+    raise TypeError(f"{should_skip_update_fn=} is not callable; pass a function "
+                    "(updates, gradient_step, params) -> (skip, skip_state), or None")
+
+
+def _check_bool(**option: Any) -> None:
+  (name, value), = option.items()
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}={value!r} must be True or False")
+
+
+def _schedule_of(every_k_schedule: Any) -> Callable[[jax.Array], Any]:
+  """``every_k_schedule`` as a function of ``gradient_step``, validated."""
+  name = f"every_k_schedule={every_k_schedule!r}"
+  if isinstance(every_k_schedule, (bool, np.bool_)):
+    raise TypeError(f"{name} is a bool; pass an integer >= 1 or a function of the step")
+  if isinstance(every_k_schedule, (np.ndarray, jax.Array)) and not callable(every_k_schedule):
+    if every_k_schedule.shape != () or not jnp.issubdtype(every_k_schedule.dtype, jnp.integer):
+      raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
+    every_k_schedule = int(every_k_schedule)
+  if isinstance(every_k_schedule, numbers.Integral):
+    if every_k_schedule < 1:
+      raise ValueError(f"{name} must be an integer >= 1 (calls per optimizer step)")
+    k = int(every_k_schedule)
+    return lambda step: k
+  if isinstance(every_k_schedule, numbers.Real):
+    raise TypeError(f"{name} is not an integer; pass an int >= 1, e.g. "
+                    "every_k_schedule=4, or a function of the step")
+  if not callable(every_k_schedule):
+    raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
+  return every_k_schedule
+
+
+def _every_k(schedule: Callable[[jax.Array], Any], gradient_step: jax.Array) -> jax.Array:
+  """The schedule's ``k`` as int32; a static value below 1 is an error."""
+  k = schedule(gradient_step)
+  k_arr = k if isinstance(k, jax.core.Tracer) else np.asarray(k)
+  if not jnp.issubdtype(k_arr.dtype, jnp.integer):
+    raise TypeError(f"every_k_schedule returned {k!r} of dtype {k_arr.dtype}; it must "
+                    "return an integer (e.g. jnp.where(step < 10, 1, 4), not 4.0)")
+  if k_arr.shape != ():
+    raise ValueError(f"every_k_schedule returned shape {k_arr.shape}; it must return "
+                     "a scalar")
+  if isinstance(k_arr, np.ndarray) and int(k_arr) < 1:
+    raise ValueError(f"every_k_schedule returned {int(k_arr)}; it must return an "
+                     "integer >= 1 (calls per optimizer step)")
+  return jnp.asarray(k_arr).astype(jnp.int32)
+
+
+def _checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
+  skip = jnp.asarray(skip)
+  if (skip.dtype, skip.shape) != (jnp.bool_, ()):
+    raise ValueError(
+        "should_skip_update_fn must return a boolean scalar, got dtype "
+        f"{skip.dtype} and shape {skip.shape}")
+  if axes:
+    # Devices must agree, or only some would enter the cycle's all-reduce:
+    # a call skipped on any device is skipped on all of them.
+    skip = lax.pmax(_sharded.to_varying(skip.astype(jnp.int32), axes), axes) > 0
+  return skip
+
+
+def _check_structure(updates: Updates, acc_grads: Any) -> None:
+  got, want = jax.tree.structure(updates), jax.tree.structure(acc_grads)
+  if got != want:
+    raise ValueError(
+        "multi_steps: the gradients do not have the structure of the parameters "
+        f"the state was initialized with: got {got}, expected {want}; pass "
+        "gradients of the same pytree as the params given to init")
+
+
+def _check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:
+  for a in axes:
+    try:
+      lax.axis_size(a)
+    except NameError:
+      raise ValueError(
+          f"{axis_name=} is not bound here: multi_steps(axis_name=...) is for "
+          "updates called inside jax.pmap or jax.shard_map over that axis; under "
+          "plain jax.jit over sharded arrays, leave axis_name=None") from None
