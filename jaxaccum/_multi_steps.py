@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _dtypes, _options, _sharded
+from jaxaccum._deferred import DeferredGrads
+from jaxaccum._multi_steps_sharded import DataCycle
 
 Params = Any
 Updates = Any
@@ -137,6 +140,9 @@ def multi_steps(
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
+    data_axis: Hashable | Sequence[Hashable] | None = None,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> MultiSteps:
   """Accumulates gradients over ``k`` calls; the inner optimizer runs once.
 
@@ -229,6 +235,7 @@ def multi_steps(
       accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
       axis_name=axis_name,
       axes=_options.axes_of("axis_name", axis_name),
+      data=_data_cycle(axis_name, data_axis, mesh, param_specs),
   )
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
@@ -251,6 +258,7 @@ class _Config(NamedTuple):
   accumulator_dtype: Any
   axis_name: Any
   axes: tuple[Hashable, ...]
+  data: DataCycle | None  # with data_axis: the partial-sums accumulator
 
 
 def _init(cfg: _Config, params: Params) -> MultiStepsState:
@@ -260,39 +268,46 @@ def _init(cfg: _Config, params: Params) -> MultiStepsState:
       mini_step=jnp.zeros([], jnp.int32),
       gradient_step=gradient_step,
       inner_opt_state=cfg.inner.init(params),
-      acc_grads=jax.tree.map(
-          lambda p: jnp.zeros_like(p, _dtypes.accumulator_for(cfg.accumulator_dtype, p.dtype)),
-          params),
+      acc_grads=_zero_sums(cfg, params),
       acc_weight=jnp.zeros([], jnp.float32),
       skip_state=skip_state,
       updated=jnp.zeros([], jnp.bool_),
   )
 
 
+def _zero_sums(cfg: _Config, params: Params) -> Any:
+  dtype_of = functools.partial(_dtypes.accumulator_for, cfg.accumulator_dtype)
+  if cfg.data is not None:
+    return cfg.data.zeros(params, dtype_of)
+  return jax.tree.map(lambda p: jnp.zeros_like(p, dtype_of(p.dtype)), params)
+
+
 def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
-  _check_structure(updates, state.acc_grads)
+  grads = _incoming(cfg, updates, state.acc_grads)
   _check_axes_bound(cfg.axis_name, cfg.axes)
   k = _every_k(cfg.schedule, state.gradient_step)
-  skip, skip_state = cfg.skip_fn(updates, state.gradient_step, params)
+  skip, skip_state = cfg.skip_fn(grads, state.gradient_step, params)
   skip = _checked_skip(skip, cfg.axes if cfg.shared_skip else ())
-  w = (jnp.ones([], jnp.float32) if weight is None
-       else _dtypes.checked_weight(weight, "weight").astype(jnp.float32))
+  w = jnp.ones([], jnp.float32) if weight is None else _checked_weight(weight)
   # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
   w = jnp.where(skip, jnp.zeros_like(w), w)
   acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
-                           state.acc_grads, updates)
+                           state.acc_grads, grads)
   acc_weight = state.acc_weight + w
   mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
   emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
+  # The inner optimizer sees gradients of the dtypes it would be given directly.
+  like = params if isinstance(updates, DeferredGrads) else updates
 
   def inner_update(grads, inner_state):
-    return cfg.inner.update(optax.tree.cast_like(grads, updates), inner_state, params,
-                            **extra_args)
+    if like is not None:
+      grads = optax.tree.cast_like(grads, like)
+    return cfg.inner.update(grads, inner_state, params, **extra_args)
 
   new_updates, inner_state, (acc_grads, acc_weight) = _cycle_end(
-      cfg, k, emit, inner_update, acc_grads, acc_weight, state.inner_opt_state)
+      cfg, k, emit, inner_update, (acc_grads, acc_weight, state.inner_opt_state), params)
   new_state = MultiStepsState(
       mini_step=jnp.where(emit, jnp.zeros_like(mini_step), mini_step),
       gradient_step=jnp.where(
@@ -307,34 +322,55 @@ def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Para
 
 
 def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callable,
-               acc_grads: Any, acc_weight: jax.Array, inner_state: Any):
+               operands: tuple[Any, jax.Array, Any], params: Params | None):
   """Where ``emit``: the inner update of the cycle's gradient, and empty sums.
 
-  Elsewhere zero updates (of the inner update's dtypes) and the sums as they are.
+  Elsewhere zero updates (of the inner update's dtypes and shardings) and the
+  sums as they are.
   """
   axes = cfg.axes
 
+  def reduced(acc_grads, acc_weight):
+    if axes:
+      return lax.psum((acc_grads, acc_weight), axes)
+    if cfg.data is not None:
+      return cfg.data.reduce(acc_grads, params), acc_weight
+    return acc_grads, acc_weight
+
   def finish_cycle(acc_grads, acc_weight, inner_state):
     with jax.named_scope("jaxaccum/multi_steps_update"):
-      if axes:
-        acc_grads, acc_weight = lax.psum((acc_grads, acc_weight), axes)
+      zeros = optax.tree.zeros_like(acc_grads)
+      acc_grads, acc_weight = reduced(acc_grads, acc_weight)
       if cfg.use_grad_mean:
         acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
       # A schedule value the cycle cannot honour (k < 1) makes it NaN.
       acc_grads = jax.tree.map(
           lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
       new_updates, new_state = inner_update(acc_grads, inner_state)
-      zeros = optax.tree.zeros_like(acc_grads)
       return (new_updates, _cast_like_state(new_state, inner_state),
               _sharded.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
 
   def continue_cycle(acc_grads, acc_weight, inner_state):
-    shapes = jax.eval_shape(inner_update, acc_grads, inner_state)[0]
-    zero_updates = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    grads = jax.eval_shape(reduced, acc_grads, acc_weight)[0] if cfg.data else acc_grads
+    shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
+    zero_updates = jax.tree.map(_zeros_of, shapes)
     return (zero_updates, inner_state,
             _sharded.to_varying((acc_grads, acc_weight), axes))
 
-  return lax.cond(emit, finish_cycle, continue_cycle, acc_grads, acc_weight, inner_state)
+  return lax.cond(emit, finish_cycle, continue_cycle, *operands)
+
+
+def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of ``shape``, with its sharding where its type has one (Explicit axes),
+  so that both branches of the cycle's ``lax.cond`` have the same types."""
+  sharding = getattr(shape, "sharding", None)
+  if not _named(getattr(sharding, "spec", P())):
+    return jnp.zeros(shape.shape, shape.dtype)
+  return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
+
+
+def _named(spec: P) -> bool:
+  return any(entry is not None for entry in spec)
 
 
 def has_updated(state: MultiStepsState) -> jax.Array:
@@ -366,10 +402,15 @@ def has_updated(state: MultiStepsState) -> jax.Array:
 
 
 def _cast_like_state(new: Any, old: Any) -> Any:
-  """The new inner state in the old one's dtypes, so both cond branches agree."""
+  """The new inner state in the old one's dtypes and (on Explicit axes)
+  shardings, so both cond branches agree."""
   def cast(n, o):
     if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
-      return jnp.asarray(n).astype(o.dtype)
+      n = jnp.asarray(n).astype(o.dtype)
+    if hasattr(n, "dtype") and hasattr(o, "dtype"):
+      old = _sharded.spec_of(o)
+      if _sharded.spec_of(n) != old and (_named(old) or _named(_sharded.spec_of(n))):
+        n = jax.sharding.reshard(n, jax.typeof(o).sharding)
     return n
 
   return jax.tree.map(cast, new, old)
@@ -465,3 +506,45 @@ def _check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:
           f"{axis_name=} is not bound here: multi_steps(axis_name=...) is for "
           "updates called inside jax.pmap or jax.shard_map over that axis; under "
           "plain jax.jit over sharded arrays, leave axis_name=None") from None
+
+
+def _data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
+  axes = _options.axes_of("data_axis", data_axis)
+  if axes and axis_name is not None:
+    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}; "
+                     "axis_name inside pmap / shard_map, data_axis under plain jit")
+  if not axes:
+    for name, value in (("mesh", mesh), ("param_specs", param_specs)):
+      if value is not None:
+        raise ValueError(f"multi_steps({name}=...) is only used with data_axis=; "
+                         "pass data_axis= too")
+    return None
+  if mesh is not None and not hasattr(mesh, "axis_names"):
+    raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
+                    "for the mesh of jax.set_mesh)")
+  return DataCycle(axes, mesh, param_specs)
+
+
+def _incoming(cfg: _Config, updates: Any, acc_grads: Any) -> Any:
+  """The call's gradients, in the accumulator's form."""
+  if isinstance(updates, DeferredGrads) and cfg.data is None:
+    raise TypeError(
+        f"multi_steps got DeferredGrads (not yet reduced over {updates.axes}) but was "
+        f"built without data_axis; pass multi_steps(..., data_axis={updates.axes!r}) "
+        "to reduce them once a cycle, or drop defer_reduction=True")
+  _check_structure(updates.partials if isinstance(updates, DeferredGrads) else updates,
+                   acc_grads)
+  return updates if cfg.data is None else cfg.data.partials(updates, acc_grads)
+
+
+def _checked_weight(weight: Any) -> jax.Array:
+  """``weight`` as float32; a static NaN or negative one is an error, a traced
+  one becomes NaN (see ``multi_steps``)."""
+  if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
+      weight, (bool, np.bool_)):
+    value = np.asarray(weight, np.float64)
+    if value.shape == () and not value >= 0:
+      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
+                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
+  return _dtypes.checked_weight(weight, "weight").astype(jnp.float32)
+
