@@ -199,3 +199,130 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   calls_every = every_call(step_counts)
   assert "reduce_scatter" not in calls_every, step_counts
   assert calls_every.get("all_reduce", (0, 0))[1] < 4 * W2[0] * W2[1] // 4, step_counts
+
+
+def _run_updates(ms, params, grads_of, mesh, per_call):
+  """``jax.jit(ms.update)`` over the calls, ``grads_of(i, params)`` the
+  gradients of call ``i`` and ``per_call[i]`` its keyword arguments; the final
+  parameters and state, and the update's collectives."""
+  update = jax.jit(lambda g, s, p, kw: ms.update(g, s, p, **kw))
+  with jax.set_mesh(mesh):
+    state = ms.init(params)
+    for i, kw in enumerate(per_call):
+      updates, state = update(grads_of(i, params), state, params, kw)
+      params = optax.apply_updates(params, updates)
+    counts = jaxaccum.count_collectives(update, grads_of(0, params), state, params, per_call[0])
+  return params, state, counts
+
+
+@pytest.mark.parametrize("layout, axis_type, grad_layout", [
+    ("FSDP", "Explicit", "params"), ("FSDP", "Explicit", "replicated"),
+    ("HSDP", "Explicit", "params"), ("TP", "Explicit", "params"),
+    ("FSDP", "Auto", "params"), ("DDP", "Auto", "params")])
+def test_ordinary_gradients_are_reduced_once_not_twice(layout, axis_type, grad_layout):
+  # Already-reduced gradients: each device adds its block to its own row
+  # (on one device per block), so the rows still sum to the cycle's total.
+  ms, _, _, params, _, mesh = _setup(layout, axis_type)
+  specs = LAYOUTS[layout][3]
+  host_params, batch = _problem()
+  calls = _calls(batch)
+  grad_specs = specs if grad_layout == "params" else {k: P() for k in specs}
+
+  def grads_of(i, params):
+    grads = jax.grad(loss)(jax.device_get(params), calls[i])
+    return jax.tree.map(lambda g, s: jax.device_put(g, NamedSharding(mesh, s)), grads, grad_specs)
+
+  params, _, counts = _run_updates(ms, params, grads_of, mesh, [{}] * len(calls))
+  assert_rel_close(params, _reference(host_params, batch))
+  _assert_sharded_like(params, specs, mesh)
+  assert every_call(counts) == {}, counts
+  assert _by_kind(counts, "in_conditionals") == EXPECTED[layout], counts
+
+
+def _host_deferred(grads, devices, axes, seed):
+  """Random partial sums (rows of a leading device axis) that add up to ``grads``."""
+  noise = jax.tree.map(lambda g: jax.random.normal(jax.random.key(seed), (devices, *g.shape)),
+                       grads)
+  return jaxaccum.DeferredGrads(
+      jax.tree.map(lambda g, n: n - n.mean(0) + g / devices, grads, noise), axes)
+
+
+def test_weights_options_and_skips_with_deferred_gradients():
+  # weight=, use_grad_mean=False, a schedule function and a skipped call
+  # (a NaN in one device's partial sum) on DDP over Auto axes: the cycle's
+  # gradient is the exact weighted sum / mean of the calls that count.
+  mesh = _mesh("DDP", "Auto")
+  host_params, batch = _problem()
+  grads = [jax.grad(loss)(host_params, c) for c in _calls(batch)]
+  deferred = [_host_deferred(g, 8, ("data",), i) for i, g in enumerate(grads)]
+  deferred[1] = jaxaccum.DeferredGrads(
+      {**deferred[1].partials, "w1": deferred[1].partials["w1"].at[3, 0, 0].set(jnp.nan)},
+      ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  deferred = [jax.device_put(d, rows) for d in deferred]
+  weights = [0.5, 7.0, 2.0, 1.5]
+  for use_grad_mean in (True, False):
+    ms = jaxaccum.multi_steps(optax.sgd(1.0), lambda step: jnp.where(step < 1, 3, 2),
+                              use_grad_mean, optax.skip_not_finite, data_axis="data", mesh=mesh)
+    per_call = [{"weight": jnp.float32(w)} for w in weights]
+    zero = jax.tree.map(jnp.zeros_like, host_params)
+    params, state, _ = _run_updates(ms, zero, lambda i, _: deferred[i], mesh, per_call)
+    # Call 1 is skipped: the first cycle (k = 3) is calls 0, 2, 3.
+    assert int(state.gradient_step) == 1 and int(state.mini_step) == 0
+    total = sum(weights[i] for i in (0, 2, 3)) if use_grad_mean else 1.0
+    expected = jax.tree.map(lambda *g: -sum(w * x for w, x in zip(
+        (weights[0], weights[2], weights[3]), g)) / total, grads[0], grads[2], grads[3])
+    assert_rel_close(params, expected)
+
+
+def test_fsdp_parameters_with_replicated_gradients_without_data_axis():
+  # Plain multi_steps under jit, FSDP parameters on an Explicit mesh and
+  # ordinary replicated gradients: both branches of the cycle's conditional
+  # return updates and state in the parameters' sharding.
+  mesh = _mesh("FSDP", "Explicit")
+  specs = LAYOUTS["FSDP"][3]
+  host_params, batch = _problem()
+  params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), host_params, specs)
+  ms = jaxaccum.multi_steps(_inner(), K)
+  calls = _calls(batch)
+
+  def grads_of(i, params):
+    return jax.device_put(jax.grad(loss)(jax.device_get(params), calls[i]),
+                          NamedSharding(mesh, P()))
+
+  params, state, _ = _run_updates(ms, params, grads_of, mesh, [{}] * len(calls))
+  assert_rel_close(params, _reference(host_params, batch))
+  _assert_sharded_like(params, specs, mesh)
+  _assert_sharded_like(state.inner_opt_state[1][0].mu, specs, mesh)
+
+
+def test_bad_input_is_a_clear_error():
+  mesh = _mesh("DDP", "Explicit")
+  params = {"w": jnp.zeros(3)}
+  deferred = jaxaccum.DeferredGrads({"w": jnp.ones((8, 3))}, ("data",))
+  plain = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  with pytest.raises(TypeError, match=r"built without data_axis; pass multi_steps\(\.\.\., "
+                     r"data_axis=\('data',\)\)"):
+    plain.update(deferred, plain.init(params), params)
+  with jax.set_mesh(_mesh("HSDP", "Explicit")):
+    ms = jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis=("replica", "shard"))
+    state = ms.init(params)
+    with pytest.raises(ValueError, match=r"deferred over axes \('data',\) given to "
+                       r"multi_steps\(data_axis=\('replica', 'shard'\)\)"):
+      ms.update(deferred, state, params)
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match=r"data_axis='batch'\) names axes \['batch'\] that "
+                       r"the mesh does not have \(mesh axes: \('data',\)\)"):
+      jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="batch").init(params)
+  with pytest.raises(ValueError, match=r"the mesh does not have \(mesh axes: \(\)\)"):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="data").init(params)
+  with pytest.raises(ValueError, match="give axis_name or data_axis, not both"):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, axis_name="data", data_axis="data")
+  for option in ({"mesh": mesh}, {"param_specs": P()}):
+    with pytest.raises(ValueError, match="only used with data_axis="):
+      jaxaccum.multi_steps(optax.sgd(1.0), 2, **option)
+  with pytest.raises(TypeError, match="mesh="):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="data", mesh="data")
+  # Deferred gradients applied directly fail on their structure.
+  with pytest.raises(ValueError):
+    optax.apply_updates(params, deferred)
