@@ -22,109 +22,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _dtypes, _options, _sharded
 from jaxaccum._deferred import DeferredGrads
-from jaxaccum._multi_steps_sharded import DataCycle
+from jaxaccum._multi_steps_sharded import DataCycle, data_cycle
+from jaxaccum._multi_steps_state import MultiSteps, MultiStepsState
 
 Params = Any
 Updates = Any
 ShouldSkipUpdateFn = Callable[[Updates, jax.Array, Params | None], tuple[jax.Array, Any]]
-
-
-class MultiStepsState(NamedTuple):
-  """State of :func:`jaxaccum.multi_steps`.
-
-  The fields of ``optax.MultiStepsState`` (``mini_step``, ``gradient_step``,
-  ``inner_opt_state``, ``acc_grads``, ``skip_state``) with the same meaning,
-  except that ``acc_grads`` holds a sum, not a running mean, and two more.
-
-  Attributes:
-    mini_step: int32, calls accumulated so far in the current cycle (a call
-      skipped by ``should_skip_update_fn`` does not count).
-    gradient_step: int32, completed cycles: updates of the inner optimizer.
-    inner_opt_state: the inner optimizer's state; it changes once per cycle.
-    acc_grads: the current cycle's sum of (weighted) gradients, in the
-      accumulator dtype. Under ``axis_name`` it is device-local until the
-      cycle's last call.
-    acc_weight: float32, the current cycle's sum of weights (the number of
-      accumulated calls without ``weight``).
-    skip_state: the second output of ``should_skip_update_fn`` on the last
-      call (``()`` without one).
-    updated: bool, whether the call that returned this state ran the inner
-      optimizer (what :func:`jaxaccum.has_updated` reads).
-
-  Example:
-
-    >>> import jax.numpy as jnp, optax, jaxaccum
-    >>> state = jaxaccum.multi_steps(optax.adam(1e-3), 4).init(jnp.zeros(3))
-    >>> isinstance(state, jaxaccum.MultiStepsState), int(state.mini_step)
-    (True, 0)
-  """
-
-  mini_step: jax.Array
-  gradient_step: jax.Array
-  inner_opt_state: Any
-  acc_grads: Any
-  acc_weight: jax.Array
-  skip_state: Any = ()
-  updated: Any = np.bool_(False)
-
-
-class MultiSteps(optax.GradientTransformationExtraArgs):
-  """What :func:`jaxaccum.multi_steps` returns.
-
-  An ``optax.GradientTransformationExtraArgs`` (``init, update = ms`` and
-  ``optax.chain`` work) with the methods of ``optax.MultiSteps``.
-
-  Example:
-
-    >>> import jax.numpy as jnp, optax, jaxaccum
-    >>> ms = jaxaccum.multi_steps(optax.sgd(0.1), 2)
-    >>> isinstance(ms, optax.GradientTransformation), bool(ms.has_updated(ms.init(jnp.zeros(2))))
-    (True, False)
-  """
-
-  @property
-  def inner_opt(self) -> optax.GradientTransformation:
-    """The inner optimizer, as given to :func:`jaxaccum.multi_steps`."""
-    return self.__dict__["inner_opt"]
-
-  def has_updated(self, state: MultiStepsState) -> jax.Array:
-    """Same as :func:`jaxaccum.has_updated`."""
-    return has_updated(state)
-
-  def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
-    """``init`` and ``update`` as a plain ``optax.GradientTransformationExtraArgs``."""
-    return optax.GradientTransformationExtraArgs(self.init, self.update)
-
-  def state_from_optax(self, optax_state: Any) -> MultiStepsState:
-    """Converts an ``optax.MultiStepsState`` (saved mid-cycle, say) to this state.
-
-    The inner optimizer, ``use_grad_mean`` and ``every_k_schedule`` must be
-    those the ``optax.MultiSteps`` had. ``optax.MultiSteps`` keeps the running
-    mean of the cycle's gradients (with ``use_grad_mean``), this state their
-    sum: the sum is recovered as ``mini_step`` times the mean (exact up to
-    rounding).
-
-    Args:
-      optax_state: the ``optax.MultiStepsState``.
-
-    Returns:
-      The equivalent :class:`jaxaccum.MultiStepsState`.
-    """
-    mini_step = jnp.asarray(optax_state.mini_step, jnp.int32)
-    count = mini_step.astype(jnp.float32)
-    use_grad_mean, accumulator_dtype = self.__dict__["options"]
-
-    def to_sum(acc):
-      acc = acc.astype(_dtypes.accumulator_for(accumulator_dtype, acc.dtype))
-      return acc * count.astype(acc.dtype) if use_grad_mean else acc
-
-    gradient_step = jnp.asarray(optax_state.gradient_step, jnp.int32)
-    return MultiStepsState(
-        mini_step=mini_step, gradient_step=gradient_step,
-        inner_opt_state=optax_state.inner_opt_state,
-        acc_grads=jax.tree.map(to_sum, optax_state.acc_grads),
-        acc_weight=count, skip_state=optax_state.skip_state,
-        updated=jnp.logical_and(mini_step == 0, gradient_step > 0))
 
 
 def _never_skip(updates, gradient_step, params):
@@ -173,7 +76,21 @@ def multi_steps(
   does), so an inner state that follows bfloat16 parameters stays bfloat16 when
   the gradients are float32.
 
-  A value that cannot be honoured is an error where it is static and NaN where
+  Under plain ``jax.jit`` over a mesh, ``data_axis`` keeps the cycle's sum
+  device-local (each device's partial sum in its row of an array of shape
+  ``(D, *param.shape)``, sharded over the data axes) and reduces it across
+  the devices once, on the call that completes the cycle, inside the branch
+  that runs the inner optimizer; the ``k - 1`` other calls communicate
+  nothing. It takes the :class:`jaxaccum.DeferredGrads` of
+  ``jaxaccum.value_and_grad(..., data_axis=..., defer_reduction=True)``, or
+  ordinary (already reduced) gradients, which it never reduces again. The
+  reduction lands in the parameters' sharding (FSDP: a reduce-scatter), and
+  dimensions sharded over other mesh axes (tensor parallelism) are never
+  gathered; the inner optimizer then runs on the globally sharded gradient, so
+  global norms stay global.
+
+  A value that cannot be honoured is an error where it is static (a Python or
+  numpy ``weight`` that is NaN or negative is a ``ValueError``) and NaN where
   it is traced: a traced ``weight`` that is NaN or negative, or a traced
   ``every_k_schedule`` result below 1, makes the cycle's gradient (hence its
   updates) NaN; ``should_skip_update_fn=optax.skip_not_finite`` cannot catch
@@ -189,16 +106,28 @@ def multi_steps(
     should_skip_update_fn: as in ``optax.MultiSteps``: called as
       ``fn(updates, gradient_step, params)``, returns ``(skip, skip_state)``;
       a skipped call changes nothing, as if it never happened, except that
-      ``has_updated`` is then ``False``.
+      ``has_updated`` is then ``False``. With ``data_axis`` it sees the
+      partial sums (each leaf with its leading device axis).
     accumulator_dtype: the least precise floating dtype of the accumulated
       gradients (each is kept in this dtype promoted with its parameter's
       dtype); ``None``: the parameter's dtype.
     axis_name: for training steps under ``jax.pmap`` or ``jax.shard_map``:
       gradients are accumulated device-locally and reduced across devices over
       this axis only on the cycle's last call.
+    data_axis: for training steps under plain ``jax.jit`` over a batch
+      sharded along this mesh axis (or tuple of axes, e.g. HSDP's
+      ``("replica", "data")``): see above. The name must match the gradient
+      function's ``data_axis``.
+    mesh: with ``data_axis``, the ``jax.sharding.Mesh``; ``None``: the mesh
+      set with ``jax.set_mesh`` when ``init`` and ``update`` run.
+    param_specs: with ``data_axis`` on Auto mesh axes, the parameters'
+      ``PartitionSpec`` pytree (or a prefix of it), as for
+      ``jaxaccum.value_and_grad``: on Auto axes a sharding is invisible inside
+      ``jit``; ``None``: replicated. On Explicit axes the arrays' types give
+      it (pass ``params`` to ``update``, as optax does, for FSDP).
 
   Returns:
-    A :class:`~jaxaccum._multi_steps.MultiSteps` (an
+    A :class:`~jaxaccum._multi_steps_state.MultiSteps` (an
     ``optax.GradientTransformationExtraArgs``) whose update takes
     ``(grads, state, params=None, *, weight=None, **extra_args)``; ``weight``
     (a non-negative scalar) makes the cycle's gradient the weighted mean of
@@ -206,9 +135,14 @@ def multi_steps(
 
   Raises:
     TypeError: an option of the wrong type (``every_k_schedule`` a float or a
-      bool, ``should_skip_update_fn`` not callable, ...).
+      bool, ``should_skip_update_fn`` not callable, ...);
+      :class:`jaxaccum.DeferredGrads` given to a ``multi_steps`` without
+      ``data_axis``.
     ValueError: ``every_k_schedule`` below 1, a non-floating
-      ``accumulator_dtype``.
+      ``accumulator_dtype``, both ``axis_name`` and ``data_axis``, ``mesh`` or
+      ``param_specs`` without ``data_axis``, a ``data_axis`` the mesh lacks,
+      gradients deferred over other axes than ``data_axis``; a static
+      ``weight`` that is NaN or negative (at ``update``).
 
   Example:
 
@@ -222,6 +156,14 @@ def multi_steps(
     >>> updates, state = opt.update(jnp.array([3.0, 4.0]), state, params)
     >>> updates, bool(opt.has_updated(state))
     (Array([-0.2, -0.3], dtype=float32), True)
+
+    Under ``jax.jit`` over a mesh, the accumulator holds one row per device:
+
+    >>> import jax
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> opt = jaxaccum.multi_steps(optax.sgd(0.1), 2, data_axis="data", mesh=mesh)
+    >>> opt.init(params).acc_grads.shape == (jax.device_count(), 2)
+    True
   """
   _check_inner(inner)
   _check_bool(use_grad_mean=use_grad_mean)
@@ -235,7 +177,7 @@ def multi_steps(
       accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
       axis_name=axis_name,
       axes=_options.axes_of("axis_name", axis_name),
-      data=_data_cycle(axis_name, data_axis, mesh, param_specs),
+      data=data_cycle(axis_name, data_axis, mesh, param_specs),
   )
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
@@ -373,34 +315,6 @@ def _named(spec: P) -> bool:
   return any(entry is not None for entry in spec)
 
 
-def has_updated(state: MultiStepsState) -> jax.Array:
-  """Whether the last call of a :func:`jaxaccum.multi_steps` ran the inner optimizer.
-
-  ``True`` right after a call that ended a cycle; ``False`` after a call that
-  ``should_skip_update_fn`` skipped, even if the call before it ended a cycle.
-  (``optax.MultiSteps.has_updated`` reads ``mini_step == 0 and gradient_step >
-  0``, which is also true after such a skipped call; a state without the
-  ``updated`` field, such as ``optax.MultiStepsState``, is read that way.)
-
-  Args:
-    state: the state returned by that call.
-
-  Returns:
-    A boolean scalar array.
-
-  Example:
-
-    >>> import jax.numpy as jnp, optax, jaxaccum
-    >>> opt = jaxaccum.multi_steps(optax.sgd(1.0), every_k_schedule=3)
-    >>> bool(jaxaccum.has_updated(opt.init(jnp.zeros(2))))
-    False
-  """
-  updated = getattr(state, "updated", None)
-  if updated is None:
-    return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
-  return jnp.asarray(updated, jnp.bool_)
-
-
 def _cast_like_state(new: Any, old: Any) -> Any:
   """The new inner state in the old one's dtypes and (on Explicit axes)
   shardings, so both cond branches agree."""
@@ -506,23 +420,6 @@ def _check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:
           f"{axis_name=} is not bound here: multi_steps(axis_name=...) is for "
           "updates called inside jax.pmap or jax.shard_map over that axis; under "
           "plain jax.jit over sharded arrays, leave axis_name=None") from None
-
-
-def _data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
-  axes = _options.axes_of("data_axis", data_axis)
-  if axes and axis_name is not None:
-    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}; "
-                     "axis_name inside pmap / shard_map, data_axis under plain jit")
-  if not axes:
-    for name, value in (("mesh", mesh), ("param_specs", param_specs)):
-      if value is not None:
-        raise ValueError(f"multi_steps({name}=...) is only used with data_axis=; "
-                         "pass data_axis= too")
-    return None
-  if mesh is not None and not hasattr(mesh, "axis_names"):
-    raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
-                    "for the mesh of jax.set_mesh)")
-  return DataCycle(axes, mesh, param_specs)
 
 
 def _incoming(cfg: _Config, updates: Any, acc_grads: Any) -> Any:

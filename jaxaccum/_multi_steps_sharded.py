@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxaccum import _sharded
+from jaxaccum import _options, _sharded
 from jaxaccum._deferred import DeferredGrads
 
 PyTree = Any
@@ -196,3 +196,21 @@ def _names(entry: Any) -> tuple:
   if entry is None or entry is P.UNCONSTRAINED:
     return ()
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
+  """The validated ``data_axis`` options of ``multi_steps`` (``None`` without it)."""
+  axes = _options.axes_of("data_axis", data_axis)
+  if axes and axis_name is not None:
+    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}; "
+                     "axis_name inside pmap / shard_map, data_axis under plain jit")
+  if not axes:
+    for name, value in (("mesh", mesh), ("param_specs", param_specs)):
+      if value is not None:
+        raise ValueError(f"multi_steps({name}=...) is only used with data_axis=; "
+                         "pass data_axis= too")
+    return None
+  if mesh is not None and not hasattr(mesh, "axis_names"):
+    raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
+                    "for the mesh of jax.set_mesh)")
+  return DataCycle(axes, mesh, param_specs)

@@ -38,7 +38,7 @@ from flax.training import train_state
 from flax.training.dynamic_scale import DynamicScale, DynamicScaleResult
 
 from jaxaccum._accumulate import value_and_grad as _value_and_grad
-from jaxaccum._multi_steps import MultiStepsState, has_updated
+from jaxaccum._multi_steps_state import MultiStepsState, has_updated
 
 __all__ = [
     "TrainState",
