@@ -140,6 +140,14 @@ def every_call(counts):
   return {k: v for k, v in left.items() if v != (0, 0)}
 
 
+def assert_collectives(got, expected, counts):
+  """The same kinds and bytes; the same counts, where XLA combines the
+  all-reduces of all leaves (older XLA versions leave some split: more ops,
+  the same bytes)."""
+  assert {k: b for k, (_, b) in got.items()} == {k: b for k, (_, b) in expected.items()}, counts
+  assert all(expected[k][0] <= n <= 2 * expected[k][0] for k, (n, _) in got.items()), counts
+
+
 def _setup(layout, axis_type, **options):
   """``multi_steps``, its jitted train step, the gradient function, sharded
   parameters and calls, and the mesh."""
@@ -191,11 +199,11 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   # The update: nothing on the k - 1 accumulating calls; the reduction, in
   # the conditional, on the completing call.
   assert every_call(update_counts) == {}, update_counts
-  assert _by_kind(update_counts, "in_conditionals") == EXPECTED[layout], update_counts
+  assert_collectives(_by_kind(update_counts, "in_conditionals"), EXPECTED[layout], update_counts)
   # The whole step: the same conditional; every call only what the gradient
   # function itself does (the loss value, tensor-parallel activations, and
   # FSDP's parameter gathers), no gradient reduction.
-  assert _by_kind(step_counts, "in_conditionals") == EXPECTED[layout], step_counts
+  assert_collectives(_by_kind(step_counts, "in_conditionals"), EXPECTED[layout], step_counts)
   calls_every = every_call(step_counts)
   assert "reduce_scatter" not in calls_every, step_counts
   assert calls_every.get("all_reduce", (0, 0))[1] < 4 * W2[0] * W2[1] // 4, step_counts
@@ -236,7 +244,7 @@ def test_ordinary_gradients_are_reduced_once_not_twice(layout, axis_type, grad_l
   assert_rel_close(params, _reference(host_params, batch))
   _assert_sharded_like(params, specs, mesh)
   assert every_call(counts) == {}, counts
-  assert _by_kind(counts, "in_conditionals") == EXPECTED[layout], counts
+  assert_collectives(_by_kind(counts, "in_conditionals"), EXPECTED[layout], counts)
 
 
 def _host_deferred(grads, devices, axes, seed):
