@@ -334,3 +334,50 @@ def test_bad_input_is_a_clear_error():
   # Deferred gradients applied directly fail on their structure.
   with pytest.raises(ValueError):
     optax.apply_updates(params, deferred)
+
+
+def _dense_loss(apply_fn):
+  def dense_loss(params, batch):
+    x, y = batch
+    return 20.0 * jnp.mean((apply_fn(params, x) - y) ** 2)
+  return dense_loss
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_flax_linen_train_state_recipe(axis_type):
+  # jaxaccum.linen.TrainState(tx=multi_steps(data_axis=)) takes the deferred
+  # gradients in apply_gradients, with weight= too.
+  import flax.linen as nn
+
+  mesh = _mesh("DDP", axis_type)
+  model = nn.Dense(W2[1])
+  host_params, batch = _problem()
+  variables = model.init(jax.random.key(1), batch[0][:1])
+  loss_fn = _dense_loss(model.apply)
+  grad_fn = deferred_value_and_grad(loss_fn, ("data",), jax.tree.map(lambda _: P(), variables),
+                                    axis_type == "Explicit")
+  ms = jaxaccum.multi_steps(_inner(), K, data_axis="data", mesh=mesh)
+
+  @jax.jit
+  def step(state, batch, weight):
+    loss, grads = grad_fn(state.params, batch)
+    return state.apply_gradients(grads=grads, weight=weight), loss
+
+  calls = _calls(batch)
+  weights = [1.0, 3.0, 2.0, 2.0]
+  with jax.set_mesh(mesh):
+    state = jaxaccum.linen.TrainState.create(
+        apply_fn=model.apply, params=jax.device_put(variables, NamedSharding(mesh, P())), tx=ms)
+    for call, w in zip(calls, weights):
+      state, _ = step(state, jax.device_put(call, NamedSharding(mesh, P("data"))),
+                      jnp.float32(w))
+  assert int(state.step) == len(calls) and int(state.optimizer_step) == CYCLES
+  inner, params = _inner(), variables
+  inner_state = inner.init(params)
+  for c in range(CYCLES):
+    ids = range(c * K, (c + 1) * K)
+    grads = jax.tree.map(lambda *g: sum(weights[i] * x for i, x in zip(ids, g)) / sum(
+        weights[i] for i in ids), *[jax.grad(loss_fn)(params, calls[i]) for i in ids])
+    updates, inner_state = inner.update(grads, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  assert_rel_close(state.params, params)
