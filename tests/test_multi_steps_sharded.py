@@ -381,3 +381,41 @@ def test_flax_linen_train_state_recipe(axis_type):
     updates, inner_state = inner.update(grads, inner_state, params)
     params = optax.apply_updates(params, updates)
   assert_rel_close(state.params, params)
+
+
+def test_flax_nnx_optimizer_recipe():
+  # nnx.Optimizer(model, multi_steps(data_axis=)) under nnx.jit: the
+  # accumulator is built in the partial-sums form, ordinary gradients are
+  # added without a second reduction, the model equals the reference.
+  from flax import nnx
+
+  mesh = _mesh("DDP", "Explicit")
+  _, batch = _problem()
+  calls = _calls(batch)
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(W1[0], W2[1], rngs=nnx.Rngs(1))
+    host_params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    optimizer = nnx.Optimizer(model, jaxaccum.multi_steps(_inner(), K, data_axis="data"),
+                              wrt=nnx.Param)
+    assert optimizer.opt_state.acc_grads["kernel"].shape == (8, *W1[:1], W2[1])
+
+    def loss_fn(model, batch):
+      x, y = batch
+      return 20.0 * jnp.mean((model(x) - y) ** 2)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+      optimizer.update(model, nnx.grad(loss_fn)(model, batch))
+
+    for call in calls:
+      step(model, optimizer, jax.device_put(call, NamedSharding(mesh, P("data"))))
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  apply = lambda p, x: x @ p["kernel"] + p["bias"]  # noqa: E731
+  inner, params = _inner(), host_params
+  inner_state = inner.init(params)
+  for c in range(CYCLES):
+    rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
+    grads = jax.grad(_dense_loss(apply))(params, rows)
+    updates, inner_state = inner.update(grads, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  assert_rel_close(got, params)
