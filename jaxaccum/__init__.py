@@ -1,29 +1,31 @@
 """jaxaccum: exact gradient accumulation for JAX, optax and Flax.
 
-Modules, one concept each:
+Modules, one concept each, in the order one call of
+:func:`value_and_grad` passes through them:
 
-- ``_options``: the options of an accumulated function, validated once.
-- ``_split``: checking a batch and splitting it into strided micro-batches.
-- ``_microstep``: one micro-batch's call of ``fun``, weighed.
+- ``_accumulate``: the public ``value_and_grad`` and ``grad``; a call's plan
+  and strategy, the jit around it, the result's nesting.
+- ``_options``: the options, validated once.
+- ``_microbatch``: a call's plan (batch arguments, ``N``), the strided split,
+  and the micro-step: one micro-batch's call of ``fun``, weighed.
+- ``_loop``: the micro-step traced once, one ``lax.scan``, one reduction.
 - ``_reducers``: one reducer per accumulated quantity (value, gradients,
   weight, aux, states, statistics): what a micro-batch contributes, and how
   the reduced sum becomes the result.
-- ``_loop``: zeros, one ``lax.scan``, the cross-device reduction, finalize.
-- ``_parallel``: the multi-device strategies the loop talks to
-  (``axis_name``, ``data_axis``), and ``_sharded``: sharded parameters
-  (FSDP, tensor parallel) under ``data_axis``.
-- ``_result``: how the result is nested for the user.
+- ``_parallel``: the strategy protocol, one device and ``axis_name``;
+  ``_sharded``: ``data_axis`` under plain ``jit`` (replicated, FSDP, tensor
+  parallel and HSDP parameters; ``defer_reduction``).
 - ``_dtypes``: accumulator dtypes and weight rules, shared with
   ``_multi_steps`` (accumulation across optimizer steps, with its input
   checks; its state in ``_multi_steps_state``, the data-axis cycle under
-  plain ``jit`` in ``_multi_steps_sharded``).
-- ``_hlo`` (over the parser ``_hlo_text``), ``_planner``, ``_noise_scale``,
+  plain ``jit`` in ``_multi_steps_sharded``) and ``_deferred`` (gradients
+  reduced at the cycle's end).
+- ``_collectives`` (over ``_hlo_parser``), ``_planner``, ``_noise_scale``,
   ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
   memory, noise-scale statistics.
 
-Data flow of one call: options -> micro-step -> reducers -> one reduction ->
-result. ``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax
-Linen adapters) are imported on first use, so the core never imports flax.
+``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax Linen
+adapters) are imported on first use, so the core never imports flax.
 """
 
 import os as _os
@@ -32,7 +34,7 @@ from jax._src import traceback_util as _traceback_util
 
 from jaxaccum._accumulate import grad, value_and_grad
 from jaxaccum._deferred import DeferredGrads
-from jaxaccum._hlo import CollectiveCounts, CollectivesByKind, count_collectives
+from jaxaccum._collectives import CollectiveCounts, CollectivesByKind, count_collectives
 from jaxaccum._multi_steps import multi_steps
 from jaxaccum._multi_steps_state import MultiStepsState, has_updated
 from jaxaccum._noise_scale import NoiseScaleSmoother, NoiseScaleState, noise_scale_ema

@@ -1,19 +1,26 @@
-"""In-step gradient accumulation: the public ``value_and_grad`` and ``grad``."""
+"""In-step gradient accumulation: the public ``value_and_grad`` and ``grad``.
+
+One call: the options (validated once, :mod:`jaxaccum._options`) and the
+call's arguments give its :class:`~jaxaccum._microbatch.Plan` and strategy,
+worked out once; the loop (:mod:`jaxaccum._loop`) runs under the strategy
+and returns :class:`~jaxaccum._loop.Outputs`, which a :class:`Layout` nests
+the way :func:`jax.value_and_grad` nests its result.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import traceback_util
 
-from jaxaccum import _loop, _parallel
-from jaxaccum._options import Options
-from jaxaccum._result import Layout
+from jaxaccum import _loop, _microbatch, _parallel, _sharded
+from jaxaccum._microbatch import Binding, Plan
+from jaxaccum._options import AuxReduction, FsdpGather, Options, Reduction, StatePolicy
 
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -28,29 +35,32 @@ def value_and_grad(
     batch_argnames: str | Sequence[str] = (),
     has_aux: bool = False,
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
-    reduction: str = "mean",
-    aux_reduction: Any = "mean",
+    reduction: Reduction = "mean",
+    aux_reduction: AuxReduction | Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     rng_argnums: int | Sequence[int] = (),
     axis_name: AxisName = None,
     data_axis: AxisName = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     state_argnums: int | Sequence[int] = (),
-    state_policy: str | Sequence[str] = "sequential",
+    state_policy: StatePolicy | Sequence[StatePolicy] = "sequential",
     with_stats: bool = False,
     skip_nonfinite: bool = False,
-    fsdp_gather: str = "once",
+    fsdp_gather: FsdpGather = "once",
     param_specs: Any = None,
+    defer_reduction: bool = False,
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
 ) -> Callable[..., Any]:
   """Like :func:`jax.value_and_grad`, accumulated over micro-batches.
 
   The batch arguments are split into ``N`` strided micro-batches (micro-batch
   ``i`` holds rows ``i, i + N, i + 2N, ...``) and ``fun`` is differentiated on
-  one micro-batch at a time inside a ``lax.scan``, so activations are held for
-  one micro-batch only. Roughly this Python loop::
+  one at a time inside a ``lax.scan``, so activations are held for one
+  micro-batch only; ``fun`` is traced once. Roughly this Python loop::
 
     grads_sum, value_sum, weight_sum = 0, 0, 0
-    for i in range(N):
+    for i in range(N):                  # range(num_real_microbatches)
       micro = batch[i::N]
       w = weight_fn(micro) if weight_fn else 1
       value, grads = jax.value_and_grad(fun)(params, micro, fold_in(key, i))
@@ -58,128 +68,47 @@ def value_and_grad(
       value_sum += w * value
       weight_sum += w
     grads = grads_sum / weight_sum      # "mean"; "sum" returns grads_sum
-    # with axis_name / data_axis: the sums are reduced across devices here,
-    # once, after the loop
+    # axis_name / data_axis: reduced across devices here, once
 
   Args:
-    fun: function to differentiate, as for :func:`jax.value_and_grad`. It must
-      return a scalar loss (or ``(loss, aux)`` with ``has_aux=True``).
-    num_microbatches: number of micro-batches ``N``. Exactly one of this and
-      ``microbatch_size`` is given.
+    fun: returns a scalar loss (``(loss, aux)`` with ``has_aux=True``).
+    num_microbatches: ``N``; exactly one of this and ``microbatch_size``.
     microbatch_size: rows per micro-batch, ``B / N``.
     argnums: positional argument(s) to differentiate with respect to.
-    batch_argnums: positional argument(s) holding the batch: pytrees of arrays
-      sharing one leading axis of size ``B``. Default ``1``, or none when
-      ``batch_argnames`` is given.
-    batch_argnames: keyword argument(s) holding batch pytrees, split like
-      ``batch_argnums`` (``grad_fn(params, batch=b)``). Every other keyword
-      argument is passed whole to every micro-batch.
+    batch_argnums: the batch argument(s) (default ``1``), bound to ``fun``'s
+      signature as ``jax.jit`` binds ``static_argnums``.
+    batch_argnames: keyword batch argument(s).
     has_aux: whether ``fun`` returns ``(loss, aux)``.
-    weight_fn: called as ``weight_fn(*micro_batch_args, **micro_batch_kwargs)``
-      (the batch arguments only), returns the non-negative scalar weight of
-      one micro-batch (e.g. its number of non-padding tokens). The result is
-      then ``sum_i w_i f_i / sum_i w_i``; a micro-batch of weight zero
-      contributes nothing, even a NaN loss, and if every weight is zero the
-      value and gradients are zero. A NaN or negative weight makes the value
-      and gradients NaN.
-    reduction: ``"mean"`` (over micro-batches, weighted by ``weight_fn``) or
-      ``"sum"`` (``sum_i w_i f_i``; ``w_i = 1`` without ``weight_fn``).
-    aux_reduction: how each aux leaf is combined: ``"mean"`` (weighted by
-      ``weight_fn`` when given; integer leaves come back as float32),
-      ``"sum"`` (unweighted), ``"stack"`` (a new leading axis of size ``N``,
-      micro-batch ``i`` at index ``i``), or ``"concat"`` for per-example
-      outputs such as logits: the rows back in the full batch's order and
-      shape, equal to the full-batch aux. A pytree of these names that is a
-      prefix of the aux picks per leaf, e.g. ``{"logits": "concat",
-      "accuracy": "mean"}``.
-    accumulator_dtype: the least precise floating dtype gradients are summed
-      in (float32: bf16 gradients are summed in float32, float64 and complex
-      ones in their own dtype); ``None`` sums each in its own dtype.
-      Gradients come back in each parameter's dtype.
-    rng_argnums: positional argument(s) that are PRNG keys; micro-batch ``i``
-      receives ``jax.random.fold_in(key, i)``. With ``data_axis``, the key is
-      first folded with the device's index along ``data_axis``, so rows on
-      different devices get different randomness.
-    axis_name: for code inside ``jax.pmap`` or ``jax.shard_map``: mesh axis
-      name(s) over which the device-local results are reduced, once, after the
-      loop (``psum`` of the sums, then the division of ``"mean"``). Value and
-      aux are reduced the same way (a stacked aux: mean over devices for each
-      micro-batch).
-    data_axis: for plain ``jax.jit`` with the batch sharded over this mesh
-      axis (or these axes): the gradients are reduced across its devices once,
-      after the loop, and come back with the parameters' sharding. On
-      Explicit axes the loss runs as written under plain ``jit`` (parameters
-      cast to ``reduced``, their gradients accumulated ``unreduced``); a loss
-      that cannot take reduced parameters (an elementwise op between one and
-      the sharded batch, such as a bias add), ``with_stats`` and
-      ``skip_nonfinite`` run in a ``jax.shard_map`` over the data axes (with
-      the reduction of ``axis_name``). Other mesh axes (tensor parallel) are
-      never gathered. See ``docs/sharded.md`` for every layout.
-    mesh: the mesh for ``data_axis``; defaults to the ambient mesh
-      (``jax.set_mesh``).
-    state_argnums: positional argument(s) holding mutable model state, such as
-      Flax Linen ``batch_stats``, threaded through the loop. ``fun`` then
-      returns ``(loss, new_state)`` (``(loss, (aux, new_state))`` with
-      ``has_aux``; a tuple of new states for a tuple ``state_argnums``), and the
-      result carries the final state where ``jax.value_and_grad(fun,
-      has_aux=True)`` would: ``((value, state), grads)``. Under
-      ``axis_name`` / ``data_axis`` the final state is averaged over devices.
-    state_policy: per state argument (or one for all): ``"sequential"``
-      (default): micro-batch ``i`` sees the state left by micro-batch
-      ``i - 1``, the same as ``N`` small forward passes; ``"mean"``: every
-      micro-batch starts from the input state and the result is the mean of
-      the ``N`` new states (integer leaves: floor of the mean). Neither gives
-      the full batch's BatchNorm running averages, since every micro-batch is
-      normalized with its own statistics. ``"mean"``: they move as far per
-      step as with the full batch; the running mean equals the full batch's
-      in the first BatchNorm layer only (ResNet18: deeper layers differ by up
-      to 4e-2 relative at ``N=2``, 1e-1 at ``N=8``, growing with depth), and
-      the running variance is lower (the mean of the micro-batch variances).
-      ``"sequential"``: with momentum ``m`` they move about
-      ``(1 - m**N) / (1 - m)`` times as far per step (3.4 at ``N=4``,
-      ``m=0.9``); momentum ``m ** (1 / N)`` brings that back to about 1.
-      Measured in ``benchmarks/batchnorm_policies.py``; see ``docs/flax.md``.
-    with_stats: also return an :class:`jaxaccum.AccumulationStats` (gradient
-      noise scale, skipped micro-batches): the function then returns
-      ``(result, stats)``. Costs one squared norm per micro-batch.
-    skip_nonfinite: leave out of the sums every micro-batch whose loss or
-      gradients hold a NaN or an infinity (its weight becomes zero, so the mean
-      is over the others; its sequential state update is dropped). If every
-      micro-batch of positive weight is left out, value and gradients are NaN,
-      so ``optax.apply_if_finite`` or ``should_skip_update_fn`` skip the step.
-      The default propagates non-finite values, so nothing is hidden silently.
-    fsdp_gather: with ``data_axis``, for parameters sharded over a data axis
-      (FSDP, HSDP): ``"once"`` gathers them before the loop and reduces the
-      unsharded gradient sum once after it, into the parameters' sharding
-      (fewest bytes, nothing gradient-sized in the loop); ``"per_microbatch"``
-      gathers them in every micro-batch and reduce-scatters every micro-batch's
-      gradient into a sharded accumulator (least memory, ``N`` times the
-      bytes). Replica axes (HSDP) are reduced once after the loop either way.
-    param_specs: with ``data_axis`` on Auto mesh axes, where a sharding is
-      invisible inside ``jit``: the differentiated arguments' partition specs
-      (a ``PartitionSpec`` or a pytree prefix of them; a tuple of one per
-      argument for a sequence ``argnums``), e.g. ``P("data", None)`` for FSDP.
-      Without it they are taken as replicated over the data axes. On
-      Explicit axes the specs are read from the arguments' types.
-
-  Called outside :func:`jax.jit`, the returned function compiles itself once
-  per shapes and dtypes of the array arguments (and values of the non-array
-  ones, which it treats as static): like any jitted function, Python state
-  that ``fun`` reads (a global, an attribute, a mutated numpy array) is
-  frozen at the first call. With one micro-batch it calls ``fun`` eagerly,
-  bit-identical to :func:`jax.value_and_grad`.
+    weight_fn: ``weight_fn(*micro_batch_args)``, one micro-batch's weight.
+    reduction: ``"mean"`` or ``"sum"`` over micro-batches.
+    aux_reduction: ``"mean"``, ``"sum"``, ``"stack"``, ``"concat"``, or a
+      pytree prefix of the aux of these.
+    accumulator_dtype: the least precise dtype gradients are summed in.
+    rng_argnums: PRNG key argument(s); micro-batch ``i`` gets ``fold_in(key, i)``.
+    axis_name: inside ``pmap`` / ``shard_map``: the axis to reduce over.
+    data_axis: under ``jit`` over a batch sharded along this mesh axis (axes).
+    mesh: the mesh of ``data_axis`` (default: the ambient mesh).
+    state_argnums: mutable state argument(s), such as BatchNorm statistics.
+    state_policy: ``"sequential"`` or ``"mean"``, per state argument.
+    with_stats: also return :class:`jaxaccum.AccumulationStats`.
+    skip_nonfinite: leave out micro-batches with non-finite loss or gradients.
+    fsdp_gather: ``"once"`` or ``"per_microbatch"`` (FSDP parameters).
+    param_specs: on Auto mesh axes, the differentiated arguments' specs.
+    defer_reduction: return :class:`jaxaccum.DeferredGrads` (``data_axis``).
+    in_axes: the batch axis of each batch argument (one int for all).
+    num_real_microbatches: compute the first ``n <= N`` only (may be traced).
 
   Returns:
-    A function with the signature of ``fun`` returning what
-    ``jax.value_and_grad(fun, argnums, has_aux)`` returns: ``(value, grads)`` or
-    ``((value, aux), grads)``.
+    A function with ``fun``'s signature returning what
+    ``jax.value_and_grad(fun, argnums, has_aux)`` returns. Every option in
+    detail: ``docs/semantics.md``; devices: ``docs/scale-out.md``,
+    ``docs/sharded.md``.
 
   Raises:
-    TypeError: an option of the wrong type (checked here), or at call time a
-      batch leaf that is not an array.
-    ValueError: an option of a wrong value (checked here), or at call time a
-      batch whose leading size is not divisible by ``N`` or whose leaves'
-      leading sizes differ.
+    TypeError: an option of the wrong type; at call time, a batch leaf that
+      is not an array.
+    ValueError: an option of a wrong value; at call time, a batch size that
+      ``N`` does not divide or leaves of different batch sizes.
 
   Example:
 
@@ -196,7 +125,7 @@ def value_and_grad(
     (True, True)
   """
   options = Options.create(**_keywords(locals()))
-  return functools.wraps(fun)(_public(fun, options, _layout(options).value_and_grad))
+  return functools.wraps(fun)(_public(fun, options, Layout.of(options).value_and_grad))
 
 
 def grad(
@@ -209,19 +138,22 @@ def grad(
     batch_argnames: str | Sequence[str] = (),
     has_aux: bool = False,
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
-    reduction: str = "mean",
-    aux_reduction: Any = "mean",
+    reduction: Reduction = "mean",
+    aux_reduction: AuxReduction | Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     rng_argnums: int | Sequence[int] = (),
     axis_name: AxisName = None,
     data_axis: AxisName = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     state_argnums: int | Sequence[int] = (),
-    state_policy: str | Sequence[str] = "sequential",
+    state_policy: StatePolicy | Sequence[StatePolicy] = "sequential",
     with_stats: bool = False,
     skip_nonfinite: bool = False,
-    fsdp_gather: str = "once",
+    fsdp_gather: FsdpGather = "once",
     param_specs: Any = None,
+    defer_reduction: bool = False,
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
 ) -> Callable[..., Any]:
   """Like :func:`jax.grad`, accumulated over micro-batches.
 
@@ -239,17 +171,12 @@ def grad(
     21.0
   """
   options = Options.create(**_keywords(locals()))
-  return functools.wraps(fun)(_public(fun, options, _layout(options).grad))
+  return functools.wraps(fun)(_public(fun, options, Layout.of(options).grad))
 
 
 def _keywords(names: dict[str, Any]) -> dict[str, Any]:
   """The public keyword arguments among a function's locals."""
   return {k: v for k, v in names.items() if k != "fun"}
-
-
-def _layout(options: Options) -> Layout:
-  return Layout(options.has_aux, len(options.state_argnums), options.state_is_tuple,
-                options.with_stats)
 
 
 def _public(fun: Callable[..., Any], options: Options,
@@ -271,33 +198,72 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
   micro-batch it calls ``fun`` eagerly, bit-identical to
   :func:`jax.value_and_grad`.
   """
+  binding = Binding.of(fun, options)
   grad_fn = jax.value_and_grad(
       _checked(fun, options),
       argnums=options.argnums[0] if options.argnums_is_int else options.argnums,
       has_aux=options.has_aux or bool(options.state_argnums))
-  parallel = _parallel.for_options(options)
 
-  def accumulate(args, kwargs):
-    return _loop.accumulate(options, grad_fn, parallel, args, kwargs)
+  def accumulate(plan: Plan, args: tuple, kwargs: dict) -> _loop.Outputs:
+    strategy = _strategy(options, plan)
+    try:
+      return _loop.accumulate(options, plan, grad_fn, strategy, args, kwargs)
+    except (TypeError, ValueError) as e:
+      hint = _unsplit_hint(options, plan, args, kwargs)
+      if hint is None:
+        raise
+      raise type(e)(f"{e}\n\n{hint}") from e
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def compiled(static, arrays):
-    return accumulate(*_Static.merge(static, arrays))
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def compiled(plan, static, arrays):
+    return accumulate(plan, *_Static.merge(static, arrays))
 
   def call(*args, **kwargs):
     if options.positions and max(options.positions) >= len(args):
       raise ValueError(
           f"{options.describe_positions()} must name positional arguments, but the "
           f"function was called with {len(args)}")
+    devices = _sharded.data_devices(options.data_axis, options.mesh)
+    plan = _microbatch.plan(options, binding, args, kwargs, devices)
     if options.axis_name or _traced((args, kwargs)) or (
-        not options.data_axis and _loop.num_microbatches(options, args, kwargs) == 1):
-      return accumulate(args, kwargs)
+        not options.data_axis and plan.n == 1):
+      return accumulate(plan, args, kwargs)
     static, arrays = _Static.split((args, kwargs))
     if static is None:
-      return accumulate(args, kwargs)
-    return compiled(static, arrays)
+      return accumulate(plan, args, kwargs)
+    return compiled(plan, static, arrays)
 
   return call
+
+
+def _strategy(options: Options, plan: Plan) -> _parallel.Strategy:
+  """The multi-device strategy of one call."""
+  if options.data_axis:
+    return _sharded.DataAxis(options.data_axis, options, plan)
+  if options.axis_name:
+    return _parallel.Named(options.axis_name)
+  return _parallel.Local()
+
+
+def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:
+  """Where tracing failed, the arguments left whole that have the batch's size."""
+  named = set(options.argnums) | set(plan.positions)
+  suspects = [f"positional argument {i}" for i, a in enumerate(args)
+              if i not in named and _leading(a) == plan.size]
+  suspects += [f"keyword argument {k!r}" for k, v in kwargs.items()
+               if k not in plan.names and _leading(v) == plan.size]
+  if not suspects or plan.n == 1:
+    return None
+  return (f"{', '.join(suspects)} of this call is passed whole to every micro-batch "
+          f"but has the batch's size {plan.size} along its leading axis: if it is part "
+          f"of the batch, name it in batch_argnums (now {options.batch_argnums}) or "
+          f"batch_argnames (now {options.batch_argnames}), e.g. batch_argnums=(1, 2) "
+          "for loss(params, x, y)")
+
+
+def _leading(tree: Any) -> int | None:
+  sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
+  return sizes.pop() if len(sizes) == 1 else None
 
 
 def _checked(fun: Callable[..., Any], options: Options) -> Callable[..., Any]:
@@ -321,8 +287,59 @@ def _checked(fun: Callable[..., Any], options: Options) -> Callable[..., Any]:
   return checked
 
 
+
 def _traced(tree: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+class Layout(NamedTuple):
+  """The nesting of one accumulated function's result.
+
+  Attributes:
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    num_states: how many state arguments there are.
+    state_is_tuple: whether the states come back as a tuple (a tuple
+      ``state_argnums``) rather than one state.
+    with_stats: whether the result is paired with the statistics.
+  """
+
+  has_aux: bool
+  num_states: int = 0
+  state_is_tuple: bool = False
+  with_stats: bool = False
+
+  @classmethod
+  def of(cls, options: Options) -> Layout:
+    """The layout of :func:`value_and_grad`'s result for ``options``."""
+    return cls(options.has_aux, len(options.state_argnums), options.state_is_tuple,
+               options.with_stats)
+
+  def _aux_slot(self, aux: Any, states: tuple) -> Any:
+    if not self.num_states:
+      return aux
+    state = states if self.state_is_tuple else states[0]
+    return (aux, state) if self.has_aux else state
+
+  @property
+  def has_aux_slot(self) -> bool:
+    return self.has_aux or bool(self.num_states)
+
+  def value_and_grad(self, outputs: Any) -> Any:
+    """``(value, grads)`` or ``((value, aux), grads)``, and the statistics."""
+    value = outputs.value
+    if self.has_aux_slot:
+      value = (value, self._aux_slot(outputs.aux, outputs.states))
+    return self._with_stats((value, outputs.grads), outputs.stats)
+
+  def grad(self, outputs: Any) -> Any:
+    """``grads`` or ``(grads, aux)``, and the statistics."""
+    grads = outputs.grads
+    if self.has_aux_slot:
+      grads = (grads, self._aux_slot(outputs.aux, outputs.states))
+    return self._with_stats(grads, outputs.stats)
+
+  def _with_stats(self, result: Any, stats: Any) -> Any:
+    return (result, stats) if self.with_stats else result
 
 
 class _Static:

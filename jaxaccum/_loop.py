@@ -1,11 +1,12 @@
-"""The micro-batch loop: zeros, one ``lax.scan``, one reduction, finalize.
+"""The micro-batch loop: one trace of the micro-step, one ``lax.scan``, one reduction.
 
-Data flow: the :class:`~jaxaccum._options.Options` fix what is accumulated;
-the micro-step (:mod:`jaxaccum._microstep`) differentiates ``fun`` on one
-micro-batch and weighs it; each reducer (:mod:`jaxaccum._reducers`) adds its
-quantity to a running sum in the scan carry; after the loop the
-:mod:`jaxaccum._parallel` strategy reduces every sum across devices at once,
-and the reducers' ``finalize`` form the :class:`Outputs`.
+Read top-down, one call is: :func:`accumulate` hands the loop to the
+multi-device strategy (:mod:`jaxaccum._parallel`), which runs :func:`_run`
+on one device or on each: the micro-step (:mod:`jaxaccum._microbatch`) is
+traced once, its output's shapes pick the reducers (:mod:`jaxaccum._reducers`)
+and their zeros, the scan sums what each micro-batch contributes, the
+strategy reduces every sum across devices at once, and the reducers'
+``finalize`` form the :class:`Outputs`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jex_core
 
-from jaxaccum import _dtypes, _microstep, _parallel, _reducers, _split, _stats
+from jaxaccum import _compat, _dtypes, _microbatch, _parallel, _reducers, _sharded, _stats
+from jaxaccum._microbatch import Micro, Plan
 from jaxaccum._options import Options
 
 PyTree = Any
@@ -30,7 +33,8 @@ class Outputs(NamedTuple):
     value: the (mean or summed) loss.
     aux: the reduced auxiliary output (``()`` without ``has_aux``).
     states: the final value of each state argument, in ``state_argnums`` order.
-    grads: the accumulated gradients, in the differentiated leaves' dtypes.
+    grads: the accumulated gradients, in the differentiated leaves' dtypes
+      (a :class:`jaxaccum.DeferredGrads` with ``defer_reduction``).
     stats: an :class:`jaxaccum.AccumulationStats`, or ``None``.
   """
 
@@ -41,125 +45,149 @@ class Outputs(NamedTuple):
   stats: Any
 
 
-def num_microbatches(options: Options, args: tuple, kwargs: dict, devices: int = 1) -> int:
-  """``N`` for the batch of this call (validated against ``devices`` too)."""
-  batch = _microstep.batch_of(options, args, kwargs)
-  size = _split.batch_size(batch)
-  n = _split.resolve_num_microbatches(size, options)
-  if size % (n * devices):
-    raise ValueError(
-        f"batch leading size {size} cannot be split into num_microbatches={n} on "
-        f"each of the {devices} devices of data_axis={_parallel.axis_spec(options.data_axis)!r}: "
-        f"it must be divisible by {n * devices}")
-  return n
-
-
-def accumulate(options: Options, grad_fn: Callable[..., Any], parallel: Any,
+def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
                args: tuple, kwargs: dict) -> Outputs:
-  """Runs the loop under ``parallel`` and returns the :class:`Outputs`."""
-  n = num_microbatches(options, args, kwargs, _devices_of(options))
-  layout = {}
-  replicated, scattered = parallel.run(
-      lambda p, a, k: _run(options, grad_fn, p, a, k, n, layout), args, kwargs)
-  aux = layout["aux_treedef"].unflatten(
+  """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
+  aux_tree = []  # the aux's treedef, known once the micro-step is traced
+
+  def loop(strategy, args, kwargs):
+    return _run(options, plan, grad_fn, strategy, args, kwargs, aux_tree)
+
+  replicated, scattered = strategy.run(loop, args, kwargs)
+  aux = aux_tree[-1].unflatten(
       [scattered[i] if i in scattered else leaf for i, leaf in enumerate(replicated.aux)])
   return replicated._replace(aux=aux)
 
 
-def _devices_of(options: Options) -> int:
-  return _parallel.data_devices(options.data_axis, options.mesh)
-
-
-def _run(options: Options, grad_fn: Callable[..., Any], parallel: Any, args: tuple,
-         kwargs: dict, n: int, layout: dict) -> tuple[Outputs, dict]:
-  """The loop on one device (or on each device of ``parallel``)."""
-  batch = _microstep.batch_of(options, args, kwargs)
+def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
+         args: tuple, kwargs: dict, aux_tree: list) -> tuple[Outputs, dict]:
+  """The loop on one device (or on each device of ``strategy``)."""
+  batch = _microbatch.batch_of(plan, args, kwargs)
   args = list(args)
-  for i, diff in zip(options.argnums, parallel.prepare(tuple(args[i] for i in options.argnums))):
+  for i, diff in zip(options.argnums, strategy.prepare(tuple(args[i] for i in options.argnums))):
     args[i] = diff
-  salt = parallel.rng_salt()
+  salt = strategy.rng_salt()
   keys = {i: args[i] if salt is None else _parallel.fold_in_device(args[i], salt)
           for i in options.rng_argnums}
-  step = _microstep.make(options, grad_fn, tuple(args), kwargs, keys, parallel.microbatch)
+  step = _microbatch.make_step(options, plan, grad_fn, tuple(args), kwargs, keys,
+                               strategy.microbatch)
   policies = dict(zip(options.state_argnums, options.state_policies))
-  seq_init = parallel.carry(tuple(args[p] for p in options.state_argnums
+  seq_init = strategy.carry(tuple(args[p] for p in options.state_argnums
                                   if policies[p] == "sequential"))
   mean_inputs = {p: args[p] for p in options.state_argnums if policies[p] == "mean"}
-  strided = _split.stride(batch, n)
-  shapes, _ = jax.eval_shape(step, 0, _split.microbatch(strided, 0), seq_init)
-  kinds = _aux_kinds(options, shapes.aux, _split.batch_size(batch) // n)
-  reducers = _reducers.build(options, kinds, mean_inputs)
-  stacked_at = tuple(i for i, k in enumerate(kinds) if k in ("stack", "concat"))
-
-  def contribute(index, micro, seq_states):
-    m, seq_states = step(index, micro, seq_states)
-    sums = {name: r.contribute(m) for name, r in reducers.items()}
-    sums["grads"] = parallel.gradients(sums["grads"])
-    aux = jax.tree.leaves(m.aux)
-    return parallel.carry((sums, seq_states)), {i: aux[i] for i in stacked_at}, m
-
+  rows = _microbatch.batch_size(batch, plan.axes) // plan.n  # per micro-batch and device
   with jax.named_scope("jaxaccum/microbatch"):
-    if n == 1:
-      (sums, seq_states), stacked, like = contribute(0, batch, seq_init)
+    if plan.n == 1:
+      like, seq_states = step(jnp.zeros([], jnp.int32), batch, seq_init)
+      kinds = _reducers.aux_kinds(options.aux_reduction, like.aux, rows)
+      reducers = _reducers.build(options, kinds, mean_inputs)
+      sums, stacked = _contribution(reducers, kinds, strategy, like)
       stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], stacked)
     else:
-      (sums, seq_states), stacked, like = _scan(contribute, parallel.zeros, strided,
-                                                seq_init, n)
+      strided = _microbatch.stride(batch, plan)
+      traced, like, seq_like = _trace_once(step, strided, plan, seq_init)
+      kinds = _reducers.aux_kinds(options.aux_reduction, like.aux, rows)
+      reducers = _reducers.build(options, kinds, mean_inputs)
+      sums, seq_states, stacked = _scan(
+          lambda m: _contribution(reducers, kinds, strategy, m), strategy, traced,
+          strided, plan, _like(seq_init, seq_like), like, options.num_real_microbatches)
+  aux_tree.append(jax.tree.structure(like.aux))
   with jax.named_scope("jaxaccum/reduce"):
-    concat = {i: _split.unstride(stacked.pop(i)) for i in stacked_at if kinds[i] == "concat"}
-    grads = sums.pop("grads")
-    (sums, seq_states, stacked), grads = parallel.reduce((sums, seq_states, stacked), grads)
-    sums["grads"] = grads
-    devices = parallel.num_devices()
-    totals = _reducers.Totals(sums, n * devices, devices, like, n * devices == 1)
-    done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
-    layout["aux_treedef"] = jax.tree.structure(shapes.aux)
-    aux = [done["aux"][i] if i in done.get("aux", {}) else _device_mean(stacked[i], devices)
-           if i in stacked else None for i in range(len(kinds))]
-    states = _states(options, seq_states, done.get("mean_states", {}), devices)
-    stats = (_make_stats(totals, n, _split.batch_size(batch))
-             if options.with_stats else None)
-    return Outputs(done["value"], aux, states, done["grads"], stats), concat
+    return _reduce(options, plan, strategy, reducers, kinds, sums, seq_states, stacked,
+                   like, rows)
 
 
-def _scan(contribute: Callable[..., Any], zeros_of: Callable[[PyTree], PyTree],
-          strided: PyTree, seq_init: tuple, n: int):
-  """``contribute`` over micro-batches ``0 .. n - 1``, summing its sums."""
+def _contribution(reducers: dict, kinds: tuple, strategy: Any, m: Micro):
+  """What micro-batch ``m`` adds to the sums, and its stacked aux leaves."""
+  sums = {name: r.contribute(m) for name, r in reducers.items()}
+  sums["grads"] = strategy.gradients(sums["grads"])
+  aux = jax.tree.leaves(m.aux)
+  return strategy.carry(sums), {i: aux[i] for i, k in enumerate(kinds)
+                                if k in ("stack", "concat")}
 
-  def body(state, index):
-    sums, seq_states = state
-    (new, seq_states), stacked, _ = contribute(index, _split.microbatch(strided, index),
-                                               seq_states)
+
+def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
+                seq_init: tuple) -> tuple[Callable[..., Any], Micro, tuple]:
+  """``step`` traced once (the only trace of the user's loss), as a function
+  that evaluates that trace, and the types of its outputs."""
+  zero = jnp.zeros([], jnp.int32)
+  closed, shapes = jax.make_jaxpr(step, return_shape=True)(
+      zero, _microbatch.microbatch(strided, plan, zero), seq_init)
+  out_tree = jax.tree.structure(shapes)
+  evaluate = jex_core.jaxpr_as_fun(closed)
+
+  def traced(index, micro, seq_states):
+    return out_tree.unflatten(evaluate(*jax.tree.leaves((index, micro, seq_states))))
+
+  like, seq_like = out_tree.unflatten(closed.out_avals)
+  return traced, like, seq_like
+
+
+def _scan(contribution: Callable[[Micro], Any], strategy: Any, traced: Callable[..., Any],
+          strided: _microbatch.Batch, plan: Plan, seq_init: tuple, like: Micro, real: Any):
+  """The sums over micro-batches ``0 .. N - 1`` (those below ``real`` only)."""
+  sum_shapes, stack_shapes = jax.eval_shape(contribution, like)
+  zeros = _like(strategy.zeros(sum_shapes), sum_shapes)
+
+  def compute(sums, seq_states, index):
+    m, seq_states = traced(index, _microbatch.microbatch(strided, plan, index), seq_states)
+    new, stacked = contribution(m)
     return (jax.tree.map(jnp.add, sums, new), seq_states), stacked
 
-  (sums, _), _, like = jax.eval_shape(
-      lambda: contribute(0, _split.microbatch(strided, 0), seq_init))
-  zeros = zeros_of(sums)
+  def skip(sums, seq_states, index):
+    del index
+    return (sums, seq_states), jax.tree.map(lambda s: _like(jnp.zeros(s.shape, s.dtype), s),
+                                            stack_shapes)
+
+  def body(carry, index):
+    if real is None:
+      return compute(*carry, index)
+    # Micro-batches past num_real_microbatches are not computed at all.
+    return lax.cond(index < real, compute, skip, *carry, index)
+
   (sums, seq_states), stacked = lax.scan(body, (zeros, seq_init),
-                                         jnp.arange(n, dtype=jnp.int32))
-  return (sums, seq_states), stacked, like
+                                         jnp.arange(plan.n, dtype=jnp.int32))
+  return sums, seq_states, stacked
 
 
-def _aux_kinds(options: Options, aux: PyTree, rows: int) -> tuple[str, ...]:
-  """Each aux leaf's reduction, from ``aux_reduction`` (a name or a prefix pytree)."""
-  spec = options.aux_reduction
-  if isinstance(spec, str):
-    kinds = [spec] * len(jax.tree.leaves(aux))
-  else:
-    try:
-      kinds = jax.tree.leaves(jax.tree.map(
-          lambda kind, sub: jax.tree.map(lambda _: kind, sub), spec, aux))
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"aux_reduction={spec!r} must be a reduction name or a pytree prefix of "
-          f"fun's aux, whose structure is {jax.tree.structure(aux)}") from e
-  for (path, leaf), kind in zip(jax.tree_util.tree_leaves_with_path(aux), kinds):
-    if kind == "concat" and (not leaf.shape or leaf.shape[0] != rows):
-      raise ValueError(
-          f"aux_reduction='concat' needs per-example aux leaves with a leading axis of "
-          f"the micro-batch's {rows} rows; aux{jax.tree_util.keystr(path)} has shape "
-          f"{leaf.shape} (use 'mean', 'sum' or 'stack' for it)")
-  return tuple(kinds)
+def _like(tree: PyTree, shapes: PyTree) -> PyTree:
+  """``tree`` cast device-varying where ``shapes`` are (inside a ``shard_map``
+  over parameters the user made varying, the carry must be too)."""
+  def cast(x, s):
+    have = _sharded.varying_axes(jax.typeof(x))
+    missing = tuple(a for a in _sharded.varying_axes(s) if a not in have)
+    return _compat.pcast_to_varying(x, missing) if missing else x
+  return jax.tree.map(cast, tree, shapes)
+
+
+def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: tuple,
+            sums: dict, seq_states: tuple, stacked: dict, like: Micro,
+            rows: int) -> tuple[Outputs, dict]:
+  """The one cross-device reduction, then every reducer's ``finalize``."""
+  concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
+            if kinds[i] == "concat"}
+  grads = sums.pop("grads")
+  (sums, seq_states, stacked), grads = strategy.reduce((sums, seq_states, stacked), grads)
+  sums["grads"] = grads
+  devices = strategy.num_devices()
+  real = options.num_real_microbatches
+  n = plan.n if real is None else real
+  totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1,
+                            _valid_real(real, plan.n))
+  done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
+  done["grads"] = strategy.result(done["grads"])
+  aux = [done["aux"][i] if i in done.get("aux", {}) else _device_mean(stacked[i], devices)
+         if i in stacked else None for i in range(len(kinds))]
+  states = _states(options, seq_states, done.get("mean_states", {}), devices)
+  stats = _make_stats(totals, n, rows) if options.with_stats else None
+  return Outputs(done["value"], aux, states, done["grads"], stats), concat
+
+
+def _valid_real(real: Any, n: int) -> jax.Array | None:
+  """Whether a traced ``num_real_microbatches`` is one the loop can honour."""
+  if real is None or isinstance(real, int):
+    return None
+  return jnp.logical_and(real >= 1, real <= n)
 
 
 def _device_mean(x: jax.Array, devices: int) -> jax.Array:
@@ -188,18 +216,19 @@ def _states(options: Options, seq_states: tuple, means: dict, devices: int) -> t
   return tuple(out)
 
 
-def _make_stats(totals: _reducers.Totals, n: int, size: int) -> _stats.AccumulationStats:
-  """The noise-scale statistics from the reduced sums."""
+def _make_stats(totals: _reducers.Totals, n: Any, rows: int) -> _stats.AccumulationStats:
+  """The noise-scale statistics from the reduced sums (``rows``: of a micro-batch
+  on one device)."""
   sums, devices = totals.sums, totals.devices
   counts = sums["counts"]
   small_sq = _dtypes.ratio(sums["sq_norm"], counts["sampled"])
   big_sq = _stats.sq_norm(jax.tree.map(totals.mean, sums["grads"]))
-  b_small = jnp.asarray(size // n, jnp.int32)
+  b_small = jnp.asarray(rows, jnp.int32)
   b_big = b_small.astype(jnp.float32) * counts["sampled"]
   g2, trace, scale = _stats.noise_estimates(small_sq, big_sq, b_small, b_big)
   return _stats.AccumulationStats(
       microbatch_sq_norm=small_sq, grad_sq_norm=big_sq, sq_norm_estimate=g2,
       trace_estimate=trace, noise_scale=scale, microbatch_size=b_small,
       num_microbatches=jnp.asarray(n, jnp.int32),
-      effective_batch_size=jnp.asarray(size * devices, jnp.int32),
+      effective_batch_size=b_small * jnp.asarray(n, jnp.int32) * devices,
       num_skipped=counts["skipped"].astype(jnp.int32))

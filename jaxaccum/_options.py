@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,14 @@ import numpy as np
 
 from jaxaccum import _dtypes
 
-REDUCTIONS = ("mean", "sum")
-AUX_REDUCTIONS = ("mean", "sum", "stack", "concat")
-STATE_POLICIES = ("sequential", "mean")
-FSDP_GATHER = ("once", "per_microbatch")
+Reduction = Literal["mean", "sum"]
+AuxReduction = Literal["mean", "sum", "stack", "concat"]
+StatePolicy = Literal["sequential", "mean"]
+FsdpGather = Literal["once", "per_microbatch"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+AUX_REDUCTIONS: tuple[str, ...] = get_args(AuxReduction)
+STATE_POLICIES: tuple[str, ...] = get_args(StatePolicy)
+FSDP_GATHER: tuple[str, ...] = get_args(FsdpGather)
 
 
 def index(name: str, value: Any) -> int:
@@ -125,18 +129,19 @@ class Options:
   """The validated static options of one accumulated function.
 
   Built with :meth:`create` from the public keyword arguments of
-  :func:`jaxaccum.value_and_grad`; see there for what each one means.
+  :func:`jaxaccum.value_and_grad` (see there for what each one means): the
+  user's options first, normalized (positions as tuples, axes as tuples of
+  names), then the few facts derived from how they were given.
   """
 
   num_microbatches: int | None
   microbatch_size: int | None
   argnums: tuple[int, ...]
-  argnums_is_int: bool
   batch_argnums: tuple[int, ...]
   batch_argnames: tuple[str, ...]
   has_aux: bool
   weight_fn: Callable[..., Any] | None
-  reduction: str
+  reduction: Reduction
   aux_reduction: Any
   accumulator_dtype: Any
   rng_argnums: tuple[int, ...]
@@ -144,12 +149,17 @@ class Options:
   data_axis: tuple[Hashable, ...]
   mesh: Any
   state_argnums: tuple[int, ...]
-  state_is_tuple: bool
-  state_policies: tuple[str, ...]
+  state_policies: tuple[StatePolicy, ...]
   with_stats: bool
   skip_nonfinite: bool
-  fsdp_gather: str = "once"
-  param_specs: Any = None
+  fsdp_gather: FsdpGather
+  param_specs: Any
+  defer_reduction: bool
+  in_axes: tuple[int, ...] | int
+  num_real_microbatches: Any
+  # Derived from how the options were given.
+  argnums_is_int: bool
+  state_is_tuple: bool
 
   @classmethod
   def create(
@@ -161,6 +171,7 @@ class Options:
       mesh: Any = None, state_argnums: Any = (), state_policy: Any = "sequential",
       with_stats: Any = False, skip_nonfinite: Any = False,
       fsdp_gather: Any = "once", param_specs: Any = None,
+      defer_reduction: Any = False, in_axes: Any = 0, num_real_microbatches: Any = None,
   ) -> Options:
     """Validates the public keyword arguments; raises TypeError / ValueError."""
     if (num_microbatches is None) == (microbatch_size is None):
@@ -182,33 +193,36 @@ class Options:
     _check_disjoint(batch_argnums=(batch_t, batch_argnums), argnums=(argnums_t, argnums),
                     rng_argnums=(rng_t, rng_argnums), state_argnums=(state_t, state_argnums))
     for name, value in (("has_aux", has_aux), ("with_stats", with_stats),
-                        ("skip_nonfinite", skip_nonfinite)):
+                        ("skip_nonfinite", skip_nonfinite),
+                        ("defer_reduction", defer_reduction)):
       if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {name}={value!r}")
     axis_t, data_t = axes_of("axis_name", axis_name), axes_of("data_axis", data_axis)
-    if axis_t and data_t:
-      raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}")
-    if mesh is not None and not data_t:
-      raise ValueError("mesh= is only used with data_axis=; pass data_axis= too")
-    fsdp_gather = _choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
-    if fsdp_gather != "once" and not data_t:
-      raise ValueError(f"{fsdp_gather=} is only used with data_axis=; pass data_axis= too")
+    gather = _choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
+    _check_axes(axis_t, data_t, mesh=mesh, fsdp_gather=gather, defer_reduction=defer_reduction)
+    if defer_reduction and gather == "per_microbatch":
+      raise ValueError(
+          f"defer_reduction=True keeps each device's unreduced gradient sums, but "
+          f"fsdp_gather={gather!r} reduce-scatters them in every micro-batch; use "
+          "fsdp_gather='once' with defer_reduction")
     _check_param_specs(param_specs, data_t, argnums_t, argnums)
     return cls(
         num_microbatches=positive("num_microbatches", num_microbatches),
         microbatch_size=positive("microbatch_size", microbatch_size),
-        argnums=argnums_t, argnums_is_int=not isinstance(argnums, (Sequence, np.ndarray)),
-        batch_argnums=batch_t, batch_argnames=names, has_aux=bool(has_aux),
-        weight_fn=_callable("weight_fn", weight_fn),
+        argnums=argnums_t, batch_argnums=batch_t, batch_argnames=names,
+        has_aux=bool(has_aux), weight_fn=_callable("weight_fn", weight_fn),
         reduction=_choice("reduction", reduction, REDUCTIONS),
         aux_reduction=_aux_reduction(aux_reduction),
         accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
         rng_argnums=rng_t, axis_name=axis_t, data_axis=data_t, mesh=mesh,
-        state_argnums=state_t,
-        state_is_tuple=isinstance(state_argnums, (Sequence, np.ndarray)),
-        state_policies=_state_policies(state_policy, state_t),
+        state_argnums=state_t, state_policies=_state_policies(state_policy, state_t),
         with_stats=bool(with_stats), skip_nonfinite=bool(skip_nonfinite),
-        fsdp_gather=fsdp_gather, param_specs=param_specs,
+        fsdp_gather=gather,
+        param_specs=param_specs, defer_reduction=bool(defer_reduction),
+        in_axes=_in_axes(in_axes, len(batch_t) + len(names)),
+        num_real_microbatches=_real_microbatches(num_real_microbatches, num_microbatches),
+        argnums_is_int=not isinstance(argnums, (Sequence, np.ndarray)),
+        state_is_tuple=isinstance(state_argnums, (Sequence, np.ndarray)),
     )
 
   @property
@@ -218,14 +232,15 @@ class Options:
 
   @property
   def positions(self) -> tuple[int, ...]:
-    """Every positional argument an option names."""
-    return self.argnums + self.batch_argnums + self.rng_argnums + self.state_argnums
+    """The positional arguments an option names, other than the batch (which
+    may be passed by keyword where ``fun``'s signature allows)."""
+    return self.argnums + self.rng_argnums + self.state_argnums
 
   def describe_positions(self) -> str:
     """The positional options, for messages (one position shown as an int)."""
     shown = {name: nums[0] if len(nums) == 1 else nums for name, nums in (
-        ("argnums", self.argnums), ("batch_argnums", self.batch_argnums),
-        ("rng_argnums", self.rng_argnums), ("state_argnums", self.state_argnums))}
+        ("argnums", self.argnums), ("rng_argnums", self.rng_argnums),
+        ("state_argnums", self.state_argnums)) if nums}
     return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
@@ -237,6 +252,48 @@ def _check_disjoint(**groups: tuple[tuple[int, ...], Any]) -> None:
       if set(nums_a) & set(nums_b):
         raise ValueError(f"{a} and {b} overlap: {a}={given_a!r}, {b}={given_b!r}; "
                          "each argument plays one role")
+
+
+def _check_axes(axis_t: tuple, data_t: tuple, **only_with_data_axis: Any) -> None:
+  """The options that only ``data_axis`` uses need it."""
+  if axis_t and data_t:
+    raise ValueError(f"give axis_name or data_axis, not both: axis_name={axis_t!r}, "
+                     f"data_axis={data_t!r}")
+  defaults = {"mesh": None, "fsdp_gather": "once", "defer_reduction": False}
+  for name, value in only_with_data_axis.items():
+    given = value is not None if defaults[name] is None else value != defaults[name]
+    if given and not data_t:
+      raise ValueError(f"{name}= is only used with data_axis= (got {name}={value!r}); pass "
+                       "data_axis= too: the mesh axis or axes the batch is sharded over")
+
+
+def _in_axes(in_axes: Any, count: int) -> tuple[int, ...]:
+  """The batch axis of each batch argument (``batch_argnums`` then ``batch_argnames``)."""
+  if isinstance(in_axes, (Sequence, np.ndarray)) and not isinstance(in_axes, str):
+    axes = tuple(index("in_axes", a) for a in in_axes)
+    if len(axes) != count:
+      raise ValueError(
+          f"in_axes={in_axes!r} must give one axis per batch argument (batch_argnums "
+          f"then batch_argnames: {count} of them), or one int for all")
+    return axes
+  return (index("in_axes", in_axes),) * count
+
+
+def _real_microbatches(value: Any, num_microbatches: Any) -> Any:
+  """``num_real_microbatches``: a static int in ``1..N`` or a traced integer scalar."""
+  if value is None:
+    return None
+  if isinstance(value, jax.core.Tracer) or (
+      isinstance(value, jax.Array) and not isinstance(value, (bool, np.bool_))):
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise TypeError("num_real_microbatches must be an integer scalar, got "
+                      f"{jax.typeof(value)}")
+    return value
+  n = positive("num_real_microbatches", value)
+  if num_microbatches is not None and n > num_microbatches:
+    raise ValueError(f"num_real_microbatches={n} exceeds {num_microbatches=}; "
+                     "it counts the micro-batches to compute, at most N")
+  return n
 
 
 def _check_param_specs(param_specs: Any, data_t: tuple, argnums_t: tuple,

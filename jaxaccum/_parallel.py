@@ -1,15 +1,10 @@
-"""Multi-device code in one place: where the cross-device reduction happens.
+"""The loop's view of devices: the strategy protocol, one device, and ``axis_name``.
 
-The loop talks to devices only through a strategy (:class:`Local` and its
-kin): ``run`` wraps the whole accumulation and hands the loop the strategy
-that runs it, ``prepare`` readies the differentiated arguments (a tuple, one
-per ``argnums``) and ``microbatch`` what one micro-batch differentiates,
-``carry`` gives a contribution the loop carry's type and ``gradients`` a
-micro-batch's gradient sum, ``zeros`` starts the carry, ``reduce`` is the
-one cross-device reduction after the loop (the gradient sums apart from the
-rest), ``num_devices`` counts the devices it adds up, and ``rng_salt`` tells
-devices' random streams apart. ``data_axis`` strategies for sharded
-parameters live in :mod:`jaxaccum._sharded`.
+The loop talks to devices only through a :class:`Strategy`. :class:`Local`
+(one device) and :class:`Named` (``axis_name``, inside ``jax.pmap`` /
+``jax.shard_map``) live here; the ``data_axis`` strategies for plain
+``jax.jit`` over sharded arrays (:class:`~jaxaccum._sharded.DataAxis` and the
+two it picks from) live in :mod:`jaxaccum._sharded`.
 
 Inside ``shard_map`` (with ``check_vma=True``) JAX tracks which values differ
 across devices. Differentiating with respect to parameters that are the same
@@ -25,23 +20,49 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
-import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
 
-from jaxaccum import _compat, _sharded
-from jaxaccum._sharded import to_varying
+from jaxaccum._sharded import axis_spec, to_varying
 
 PyTree = Any
 Axes = tuple[Hashable, ...]
 
 
-def axis_spec(axes: Axes) -> Hashable | Axes:
-  """The PartitionSpec entry (and collective axis name) for ``axes``."""
-  return axes if len(axes) > 1 else axes[0]
+class Strategy(Protocol):
+  """How the loop runs on devices and where it reduces across them."""
+
+  def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Runs ``loop(strategy, args, kwargs)`` (in a ``shard_map``, say)."""
+
+  def prepare(self, diff: tuple) -> tuple:
+    """Readies the differentiated arguments (one per ``argnums``) for the loop."""
+
+  def microbatch(self, diff: tuple, micro: PyTree) -> tuple:
+    """The differentiated arguments as micro-batch ``micro`` sees them."""
+
+  def carry(self, tree: PyTree) -> PyTree:
+    """``tree`` given the loop carry's type."""
+
+  def gradients(self, grads: PyTree) -> PyTree:
+    """One micro-batch's gradient sums, as the carry holds them."""
+
+  def zeros(self, shapes: PyTree) -> PyTree:
+    """The carry's zeros."""
+
+  def reduce(self, others: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
+    """The one cross-device reduction after the loop (gradients apart)."""
+
+  def result(self, grads: PyTree) -> PyTree:
+    """The finalized gradients as the call returns them."""
+
+  def num_devices(self) -> int:
+    """The devices whose sums ``reduce`` adds up."""
+
+  def rng_salt(self) -> jax.Array | None:
+    """What tells devices' random streams apart (``None``: nothing)."""
 
 
 def fold_in_device(key: jax.Array, salt: jax.Array) -> jax.Array:
@@ -53,7 +74,7 @@ def fold_in_device(key: jax.Array, salt: jax.Array) -> jax.Array:
 
 
 class Local:
-  """One device: nothing to reduce."""
+  """One device: nothing to reduce (a :class:`Strategy`)."""
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return loop(self, args, kwargs)
@@ -78,6 +99,9 @@ class Local:
 
   def _reduce(self, tree: PyTree) -> PyTree:
     return tree
+
+  def result(self, grads: PyTree) -> PyTree:
+    return grads
 
   def num_devices(self) -> int:
     return 1
@@ -115,103 +139,6 @@ class Named(Local):
 
   def rng_salt(self) -> jax.Array | None:
     return lax.axis_index(axis_spec(self.axes)) if self.salted else None
-
-
-@dataclasses.dataclass(frozen=True)
-class DataAxis(Local):
-  """A ``jax.jit`` step over a batch sharded along ``axes`` of a mesh.
-
-  Picks the strategy of :mod:`jaxaccum._sharded` at trace time, from the
-  mesh's axis types and the differentiated arguments' shardings: on Explicit
-  data axes :class:`~jaxaccum._sharded.ExplicitData` (plain ``jit``), unless
-  the loss or the options cannot take reduced parameters; otherwise
-  :class:`~jaxaccum._sharded.ShardMapData`. The loop returns ``(outputs,
-  scattered)``: the reduced results, and the per-example aux rows that stay
-  sharded along ``axes`` like the batch.
-  """
-
-  axes: Axes = ()
-  options: Any = None
-
-  def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    o = self.options
-    mesh = resolve_mesh(self.axes, o.mesh)
-    diff = tuple(args[i] for i in o.argnums)
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = all(types[a] == jax.sharding.AxisType.Explicit for a in self.axes)
-    specs = _specs(o, diff, explicit)
-    first_error = None
-    if explicit and _compat.has_reduced_specs() and not (o.with_stats or o.skip_nonfinite):
-      # Norms and finiteness checks of unreduced gradients are rejected, and
-      # so is an elementwise op between a reduced parameter and a
-      # data-sharded array (a bias add): such losses run under shard_map, as
-      # everything does where this jax cannot defer a reduction this way.
-      try:
-        return loop(_sharded.ExplicitData(self.axes, o.fsdp_gather, specs, o.argnums_is_int),
-                    args, kwargs)
-      except Exception as e:  # noqa: BLE001 -- any rejection falls back
-        first_error = e
-    positions = {"argnums": o.argnums, "batch_argnums": o.batch_argnums,
-                 "batch_argnames": o.batch_argnames}
-    strategy = _sharded.ShardMapData(mesh, self.axes, o.fsdp_gather, specs,
-                                     o.argnums_is_int, positions)
-    try:
-      return strategy.run(loop, args, kwargs)
-    except Exception as e:
-      if first_error is not None:
-        e.add_note("With reduced parameters under plain jit (Explicit data axes) "
-                   f"it failed first with: {type(first_error).__name__}: {first_error}")
-      elif explicit and not _compat.has_reduced_specs():
-        e.add_note("This jax cannot defer a reduction with reduced / unreduced "
-                   "sharding (jax 0.8 on can), so the loss ran under shard_map, where "
-                   "the data axes are Manual: a loss that names them needs a newer jax")
-      raise
-
-
-def _specs(options: Any, diff: tuple, explicit: bool) -> tuple:
-  """Per differentiated argument, a pytree of PartitionSpecs matching it."""
-  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-  if explicit or options.param_specs is None:
-    # On Auto axes a sharding is invisible inside jit: replicated over data.
-    return jax.tree.map(_sharded.spec_of if explicit else (lambda _: PartitionSpec()), diff)
-  given = (options.param_specs,) if options.argnums_is_int else tuple(options.param_specs)
-  try:
-    return tuple(jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), g, d,
-                              is_leaf=is_spec) for g, d in zip(given, diff, strict=True))
-  except ValueError as e:
-    raise ValueError(
-        f"param_specs={options.param_specs!r} must be a pytree prefix of the "
-        f"differentiated arguments (argnums={options.argnums}) of structure "
-        f"{jax.tree.structure(diff if not options.argnums_is_int else diff[0])}") from e
-
-
-def resolve_mesh(axes: Axes, mesh: Any) -> Any:
-  """``mesh`` (or the ambient mesh), checked to have ``axes``."""
-  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  missing = [a for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(
-        f"data_axis={axis_spec(axes)!r} names axes {missing} that the mesh does "
-        f"not have (mesh axes: {mesh.axis_names}); pass mesh= or set one with "
-        "jax.set_mesh")
-  return mesh
-
-
-def data_devices(axes: Axes, mesh: Any) -> int:
-  """The number of devices along ``axes`` of ``mesh`` (1 without axes)."""
-  if not axes:
-    return 1
-  mesh = resolve_mesh(axes, mesh)
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
-def for_options(options: Any) -> Local:
-  """The strategy for an accumulated function's options."""
-  if options.data_axis:
-    return DataAxis(axes=options.data_axis, options=options)
-  if options.axis_name:
-    return Named(options.axis_name)
-  return Local()
 
 
 def salt_keys(keys: PyTree, axes: Axes) -> PyTree:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxaccum import _accumulate, _options, _parallel, _split
+from jaxaccum import _accumulate, _microbatch, _options, _sharded
 
 
 class MicrobatchPlan(NamedTuple):
@@ -131,7 +131,7 @@ def plan_microbatches(
     raise ValueError(
         f"the batch (batch_argnums={opts.batch_argnums}) has leading size 0: there "
         "are no rows to split, so no number of micro-batches to plan")
-  devices = _parallel.data_devices(opts.data_axis, opts.mesh)
+  devices = _sharded.data_devices(opts.data_axis, opts.mesh)
   if size % devices:
     raise ValueError(
         f"batch size {size} is not divisible by the {devices} devices of "
@@ -286,6 +286,6 @@ def _batch_size(batch: tuple) -> int:
   """The batch's leading size; leaves may be :class:`jax.ShapeDtypeStruct`."""
   # A zero-stride view stands in for each leaf, so the checks (and messages)
   # of value_and_grad apply without allocating.
-  return _split.batch_size(jax.tree.map(
-      lambda x: np.broadcast_to(np.zeros((), np.int8), x.shape)
-      if isinstance(x, jax.ShapeDtypeStruct) else x, batch))
+  stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.int8), x.shape)
+                           if isinstance(x, jax.ShapeDtypeStruct) else x, batch)
+  return _microbatch.batch_size(_microbatch.Batch(stand_ins, {}), (0,) * len(batch))

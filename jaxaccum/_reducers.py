@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccum import _dtypes, _stats
-from jaxaccum._microstep import Micro
+from jaxaccum._microbatch import Micro
 from jaxaccum._options import Options
 
 PyTree = Any
@@ -35,13 +35,16 @@ class Totals(NamedTuple):
     like: the first micro-batch's :class:`Micro` (its shapes and dtypes;
       with ``count == 1`` its actual values).
     single: whether there was one micro-batch on one device.
+    valid: ``False`` where a traced ``num_real_microbatches`` is out of range
+      (the results are then NaN); ``None`` when nothing is traced.
   """
 
   sums: dict[str, Any]
-  count: int
+  count: Any
   devices: int
   like: Micro
   single: bool
+  valid: jax.Array | None = None
 
   def mean(self, total: jax.Array) -> jax.Array:
     """``total`` over the weights' sum (else ``N * D``); zero for zero weight."""
@@ -57,7 +60,10 @@ class Totals(NamedTuple):
                      jnp.where(w != 0, x, jnp.zeros_like(x)))
 
   def nan_if_all_skipped(self, x: jax.Array) -> jax.Array:
-    """NaN where ``skip_nonfinite`` left out every weighted micro-batch."""
+    """NaN where ``skip_nonfinite`` left out every weighted micro-batch, or
+    where ``valid`` is false."""
+    if self.valid is not None:
+      x = jnp.where(self.valid, x, jnp.full_like(x, np.nan))
     counts = self.sums.get("counts")
     if "weight" not in self.sums or counts is None or "skipped" not in counts:
       return x
@@ -77,14 +83,17 @@ class Reducer(NamedTuple):
   finalize: Callable[[PyTree, Totals], Any]
 
 
-def _finish(options: Options, total: jax.Array, like: jax.Array, totals: Totals):
-  """The value or a gradient leaf from its reduced sum, in ``like``'s dtype."""
+def _finish(options: Options, total: jax.Array, like: jax.Array, totals: Totals,
+            dtype: Any = None):
+  """The value or a gradient leaf from its reduced sum, in ``dtype`` (else
+  ``like``'s)."""
+  dtype = like.dtype if dtype is None else dtype
   if options.reduction == "sum":
-    out = total.astype(like.dtype)
+    out = total.astype(dtype)
   elif totals.single and options.weighted:
     out = totals.as_given(like)
   else:
-    out = totals.mean(total).astype(like.dtype)
+    out = totals.mean(total).astype(dtype)
   return totals.nan_if_all_skipped(out)
 
 
@@ -105,8 +114,10 @@ def grads(options: Options) -> Reducer:
         g, m.weight, _dtypes.accumulator_for(options.accumulator_dtype, g.dtype)), m.grads)
 
   def finalize(total, totals):
-    return jax.tree.map(lambda s, g: _finish(options, s, g, totals), total,
-                        totals.like.grads)
+    # Deferred partial sums stay in the accumulator dtype until reduced.
+    return jax.tree.map(lambda s, g: _finish(
+        options, s, g, totals, s.dtype if options.defer_reduction else None), total,
+        totals.like.grads)
 
   return Reducer(contribute, finalize)
 
@@ -191,6 +202,28 @@ def sq_norm() -> Reducer:
   """Squared norms of the sampled micro-batch gradients (statistics)."""
   return Reducer(lambda m: jnp.where(m.sampled > 0, _stats.sq_norm(m.grads), 0),
                  lambda total, totals: total)
+
+
+def aux_kinds(spec: Any, aux: PyTree, rows: int) -> tuple[str, ...]:
+  """Each aux leaf's reduction, from ``aux_reduction`` (a name or a prefix pytree);
+  ``rows``: the micro-batch's rows, which a ``"concat"`` leaf must lead with."""
+  if isinstance(spec, str):
+    kinds = [spec] * len(jax.tree.leaves(aux))
+  else:
+    try:
+      kinds = jax.tree.leaves(jax.tree.map(
+          lambda kind, sub: jax.tree.map(lambda _: kind, sub), spec, aux))
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"aux_reduction={spec!r} must be a reduction name or a pytree prefix of "
+          f"fun's aux, whose structure is {jax.tree.structure(aux)}") from e
+  for (path, leaf), kind in zip(jax.tree_util.tree_leaves_with_path(aux), kinds):
+    if kind == "concat" and (not leaf.shape or leaf.shape[0] != rows):
+      raise ValueError(
+          f"aux_reduction='concat' needs per-example aux leaves with a leading axis of "
+          f"the micro-batch's {rows} rows; aux{jax.tree_util.keystr(path)} has shape "
+          f"{leaf.shape} (use 'mean', 'sum' or 'stack' for it)")
+  return tuple(kinds)
 
 
 def build(options: Options, kinds: tuple[str, ...],

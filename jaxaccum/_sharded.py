@@ -1,7 +1,7 @@
-"""Data parallelism over sharded parameters: one gradient reduction per call.
+"""``data_axis``: plain ``jit`` over sharded arrays, one gradient reduction per call.
 
-Two strategies for ``data_axis``, chosen by :class:`jaxaccum._parallel.DataAxis`
-(see ``docs/sharded.md``):
+:class:`DataAxis` picks one of two strategies at trace time (see
+``docs/sharded.md``):
 
 - :class:`ExplicitData` (Explicit data axes): plain ``jit``. Parameters are
   cast to ``reduced`` over the data axes, so each micro-batch's gradient is
@@ -20,13 +20,17 @@ gradient then reduce-scattered in every micro-batch into a sharded carry
 the axes a parameter is sharded over are reduced per micro-batch; the others
 are reduced once after the loop.
 
-Both follow the loop's strategy protocol (:class:`jaxaccum._parallel.Local`).
+Both follow the loop's strategy protocol (:class:`jaxaccum._parallel.Strategy`).
+With ``defer_reduction`` the gradients are not reduced at all: the
+``shard_map`` returns each device's partial sums as a
+:class:`jaxaccum.DeferredGrads` for ``multi_steps(data_axis=...)``.
 ``specs`` hold, per differentiated argument, a pytree of ``PartitionSpec``
 matching it; ``grad_specs`` the same nested as the gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -37,10 +41,15 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxaccum import _compat
+from jaxaccum._deferred import DeferredGrads
 
 PyTree = Any
 Axes = tuple[Hashable, ...]
-FSDP_GATHER = ("once", "per_microbatch")
+
+
+def axis_spec(axes: Axes) -> Hashable | Axes:
+  """The PartitionSpec entry (and collective axis name) for ``axes``."""
+  return axes if len(axes) > 1 else axes[0]
 
 
 def _is_spec(x: Any) -> bool:
@@ -90,6 +99,110 @@ def _map(fn: Callable[..., Any], tree: PyTree, specs: PyTree) -> PyTree:
   return jax.tree.map(lambda s, x: fn(x, s), specs, tree, is_leaf=_is_spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataAxis:
+  """A ``jax.jit`` step over a batch sharded along ``axes`` of a mesh.
+
+  Picks the strategy at trace time, from the mesh's axis types and the
+  differentiated arguments' shardings: on Explicit data axes
+  :class:`ExplicitData` (plain ``jit``), unless the loss or the options
+  cannot take reduced parameters; otherwise :class:`ShardMapData`. Trying
+  the first costs one more trace of the loss where it fails. The loop
+  returns ``(outputs, scattered)``: the reduced results, and the per-example
+  aux rows that stay sharded along ``axes`` like the batch.
+  """
+
+  axes: Axes
+  options: Any
+  plan: Any
+
+  def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    o = self.options
+    mesh = resolve_mesh(self.axes, o.mesh)
+    diff = tuple(args[i] for i in o.argnums)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = all(types[a] == jax.sharding.AxisType.Explicit for a in self.axes)
+    specs = _specs(o, diff, explicit, mesh)
+    first_error = None
+    if explicit and _compat.has_reduced_specs() and not (
+        o.with_stats or o.skip_nonfinite or o.defer_reduction):
+      # Norms and finiteness checks of unreduced gradients are rejected, and
+      # so is an elementwise op between a reduced parameter and a
+      # data-sharded array (a bias add): such losses run under shard_map, as
+      # everything does where this jax cannot defer a reduction this way.
+      try:
+        return loop(ExplicitData(self.axes, o.fsdp_gather, specs, o.argnums_is_int),
+                    args, kwargs)
+      except Exception as e:  # noqa: BLE001 -- any rejection falls back
+        first_error = e
+    positions = {"argnums": o.argnums, "batch_argnums": self.plan.positions,
+                 "batch_argnames": self.plan.names, "in_axes": self.plan.axes}
+    strategy = ShardMapData(mesh, self.axes, o.fsdp_gather, specs, o.argnums_is_int,
+                            positions, o.defer_reduction)
+    try:
+      return strategy.run(loop, args, kwargs)
+    except Exception as e:
+      if first_error is not None:
+        e.add_note("With reduced parameters under plain jit (Explicit data axes) "
+                   f"it failed first with: {type(first_error).__name__}: {first_error}")
+      elif explicit and not _compat.has_reduced_specs():
+        e.add_note("This jax cannot defer a reduction with reduced / unreduced "
+                   "sharding (jax 0.8 on can), so the loss ran under shard_map, where "
+                   "the data axes are Manual: a loss that names them needs a newer jax")
+      raise
+
+
+def _specs(options: Any, diff: tuple, explicit: bool, mesh: Any) -> tuple:
+  """Per differentiated argument, a pytree of PartitionSpecs matching it."""
+  if explicit or options.param_specs is None:
+    # On Auto axes a sharding is invisible inside jit: replicated over data.
+    return jax.tree.map(spec_of if explicit else (lambda _: P()), diff)
+  given = (options.param_specs,) if options.argnums_is_int else tuple(options.param_specs)
+  try:
+    specs = tuple(jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), g, d,
+                               is_leaf=_is_spec) for g, d in zip(given, diff, strict=True))
+  except ValueError as e:
+    raise ValueError(
+        f"param_specs={options.param_specs!r} must be a pytree prefix of the "
+        f"differentiated arguments (argnums={options.argnums}) of structure "
+        f"{jax.tree.structure(diff if not options.argnums_is_int else diff[0])}") from e
+  jax.tree.map(lambda s, x: _check_spec(s, x, mesh), specs, diff, is_leaf=_is_spec)
+  return specs
+
+
+def _check_spec(spec: P, x: Any, mesh: Any) -> None:
+  """A ``param_specs`` entry must fit its parameter and name the mesh's axes."""
+  unknown = [a for entry in spec for a in _names(entry) if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(
+        f"param_specs entry {spec} names mesh axes {unknown} that the mesh does not "
+        f"have (mesh axes: {mesh.axis_names}); use the mesh's axis names")
+  if len(spec) > np.ndim(x):
+    raise ValueError(
+        f"param_specs entry {spec} has {len(spec)} entries for a parameter of shape "
+        f"{np.shape(x)}; give at most one entry per dimension")
+
+
+def resolve_mesh(axes: Axes, mesh: Any) -> Any:
+  """``mesh`` (or the ambient mesh), checked to have ``axes``."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  missing = [a for a in axes if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(
+        f"data_axis={axis_spec(axes)!r} names axes {missing} that the mesh does "
+        f"not have (mesh axes: {mesh.axis_names}); pass mesh= or set one with "
+        "jax.set_mesh")
+  return mesh
+
+
+def data_devices(axes: Axes, mesh: Any) -> int:
+  """The number of devices along ``axes`` of ``mesh`` (1 without axes)."""
+  if not axes:
+    return 1
+  mesh = resolve_mesh(axes, mesh)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 class _Strategy:
   """What both strategies share: the specs and the FSDP mode."""
 
@@ -98,6 +211,9 @@ class _Strategy:
     self.per_microbatch = fsdp_gather == "per_microbatch"
     self.specs = specs
     self.grad_specs = specs[0] if argnums_is_int else specs
+
+  def result(self, grads: PyTree) -> PyTree:
+    return grads
 
   def microbatch(self, diff: tuple, micro: PyTree) -> tuple:
     """The differentiated arguments one micro-batch sees: gathered here in
@@ -148,8 +264,7 @@ class ExplicitData(_Strategy):
 
   def zeros(self, shapes: PyTree) -> PyTree:
     """Zeros of the carry's types (unreduced where the gradients are)."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=(
-        s.sharding.spec if s.sharding is not None else None)), shapes)
+    return jax.tree.map(_zeros, shapes)
 
   def reduce(self, others: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
     """The one reduction: a reshard into the parameters' sharding. The loss
@@ -172,19 +287,16 @@ class ShardMapData(_Strategy):
   """
 
   def __init__(self, mesh, axes: Axes, fsdp_gather: str, specs: tuple,
-               argnums_is_int: bool, positions: dict):
+               argnums_is_int: bool, positions: dict, defer: bool = False):
     specs = jax.tree.map(lambda s: only(s, axes), specs, is_leaf=_is_spec)
     super().__init__(axes, fsdp_gather, specs, argnums_is_int)
     self.mesh = mesh
     self.positions = positions
+    self.defer = defer
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    batch = P(self.axes if len(self.axes) > 1 else self.axes[0])
-    argnums, batch_argnums, batch_argnames = (self.positions[k] for k in (
-        "argnums", "batch_argnums", "batch_argnames"))
-    in_specs = (tuple(batch if i in batch_argnums else self.specs[argnums.index(i)]
-                      if i in argnums else P() for i in range(len(args))),
-                {k: batch if k in batch_argnames else P() for k in kwargs})
+    batch = P(axis_spec(self.axes))
+    in_specs = self._in_specs(args, kwargs)
     args, kwargs = _to_specs(self.mesh, self.axes, in_specs, (args, kwargs))
     kind = []
 
@@ -193,11 +305,27 @@ class ShardMapData(_Strategy):
       kind.append(type(out))
       return tuple(out), scattered
 
-    out_specs = ((P(), P(), P(), self.grad_specs, P()), batch)
+    grad_specs = batch if self.defer else self.grad_specs
+    out_specs = ((P(), P(), P(), grad_specs, P()), batch)
     out, scattered = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
                                    out_specs=out_specs,
                                    axis_names=frozenset(self.axes))(args, kwargs)
     return kind[0](*out), scattered
+
+  def _in_specs(self, args: tuple, kwargs: dict) -> tuple:
+    """Batch leaves sharded over the data axes along their batch axis,
+    differentiated ones by their specs, the rest replicated over the data axes."""
+    p = self.positions
+    axes = dict(zip(tuple(p["batch_argnums"]) + tuple(p["batch_argnames"]), p["in_axes"]))
+
+    def batch(key, tree):
+      return jax.tree.map(lambda x: P(*[None] * (axes[key] % np.ndim(x)),
+                                      axis_spec(self.axes)), tree)
+
+    argnums = p["argnums"]
+    return (tuple(batch(i, a) if i in axes else self.specs[argnums.index(i)]
+                  if i in argnums else P() for i, a in enumerate(args)),
+            {k: batch(k, v) if k in axes else P() for k, v in kwargs.items()})
 
   def _gather(self, x: jax.Array, spec: P) -> jax.Array:
     for dim, entry in enumerate(spec):
@@ -225,12 +353,14 @@ class ShardMapData(_Strategy):
     return to_varying(grads, self.axes)
 
   def zeros(self, shapes: PyTree) -> PyTree:
-    return to_varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), self.axes)
+    return to_varying(jax.tree.map(_zeros, shapes), self.axes)
 
   def reduce(self, others: PyTree, grads: PyTree) -> tuple[PyTree, PyTree]:
     """Scatter each gradient over the data axes it is sharded over (unless
     done per micro-batch), then one ``psum`` over the others for all leaves
-    that share them."""
+    that share them; with ``defer``, only the rest is reduced."""
+    if self.defer:
+      return lax.psum(others, self.axes), grads
     if not self.per_microbatch:
       grads = _map(self._scatter, grads, self.grad_specs)
     rest = _map(lambda g, s: tuple(a for a in self.axes if a not in sharded_over(s, self.axes)),
@@ -253,7 +383,21 @@ class ShardMapData(_Strategy):
     return int(np.prod([self.mesh.shape[a] for a in self.axes]))
 
   def rng_salt(self) -> jax.Array:
-    return lax.axis_index(self.axes if len(self.axes) > 1 else self.axes[0])
+    return lax.axis_index(axis_spec(self.axes))
+
+  def result(self, grads: PyTree) -> PyTree:
+    """With ``defer``: this device's partial sums, a leading axis added for
+    the devices (what ``out_specs`` stacks them along)."""
+    if not self.defer:
+      return grads
+    return DeferredGrads(jax.tree.map(lambda g: g[None], grads), self.axes)
+
+
+def _zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of type ``s``, in its sharding (Explicit axes are part of the type)."""
+  sharding = getattr(s, "sharding", None)
+  return jnp.zeros(s.shape, s.dtype,
+                   out_sharding=None if sharding is None else sharding.spec)
 
 
 def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:
@@ -278,12 +422,16 @@ def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:
                       specs, tree, is_leaf=_is_spec)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))
+def varying_axes(aval: Any) -> frozenset:
+  """The axes a type (an aval or a ``ShapeDtypeStruct``) varies over, in
+  any of the spellings of the supported jax versions."""
+  for path in (("vma",), ("manual_axis_type", "varying"), ("mat", "varying")):
+    value = aval
+    for name in path:
+      value = getattr(value, name, None)
+    if value is not None:
+      return frozenset(value)
+  return frozenset()
 
 
 def to_varying(tree: PyTree, axes: Axes) -> PyTree:
@@ -292,7 +440,7 @@ def to_varying(tree: PyTree, axes: Axes) -> PyTree:
     return tree
 
   def cast(x):
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    missing = tuple(a for a in axes if a not in varying_axes(jax.typeof(x)))
     return _compat.pcast_to_varying(x, missing) if missing else x
 
   return jax.tree.map(cast, tree)

@@ -47,7 +47,7 @@ from jax._src import traceback_util
 
 from jaxaccum import _accumulate, _compat, _parallel
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
-from jaxaccum._result import Layout
+from jaxaccum._accumulate import Layout
 
 __all__ = ["grad", "value_and_grad"]
 

@@ -157,10 +157,3 @@ def standard_promotion(tx):
       return tx.update(updates, state, params, **extra)
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-# How often one compilation of an accumulated function traces the user's
-# function: for the output shapes, for the loop's carry and for the loop body.
-# The no-retrace tests allow exactly this many traces with
-# ``chex.assert_max_traces``, so any further call that traced again would fail.
-TRACES_PER_COMPILATION = 3
