@@ -9,8 +9,8 @@ collective counts of the compiled step. With ``--layout fsdp`` the mesh's
 axis is Explicit and the parameters are sharded over it (FSDP,
 :func:`fsdp_problem`): the gradients come back sharded like them. With
 ``--layout multi_steps`` it trains :data:`CYCLES` cycles of
-``multi_steps(..., data_axis="data")`` on gradients whose reduction is
-deferred (:func:`deferred_grads`), and saves the parameters and the update's
+``multi_steps(..., data_axis="data")`` on the gradients of
+``value_and_grad(..., defer_reduction=True)``, and saves the parameters and the update's
 collectives on every call and in the cycle's conditional. Importing
 this module has no side effect: the test imports it for the problems and
 losses.
@@ -85,27 +85,6 @@ def plain_loss(params, batch):
   return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
 
 
-def deferred_grads(loss, params, batch):
-  """``jaxaccum.DeferredGrads`` of a mean ``loss`` over a batch sharded on
-  ``"data"``: each device's partial sum (its rows' gradient over the device
-  count), computed in a ``shard_map`` with device-varying parameters."""
-  import jax
-  from jax.sharding import PartitionSpec as P
-
-  import jaxaccum
-  from jaxaccum import _compat
-
-  devices = jax.sharding.get_abstract_mesh().shape["data"]
-
-  def local(params, batch):
-    grads = jax.grad(loss)(_compat.pcast_to_varying(params, ("data",)), batch)
-    return jax.tree.map(lambda g: (g / devices)[None], grads)
-
-  partials = jax.shard_map(local, in_specs=(P(), P("data")), out_specs=P("data"),
-                           axis_names=frozenset({"data"}))(params, batch)
-  return jaxaccum.DeferredGrads(partials, ("data",))
-
-
 def calls_of(batch):
   """The rows of each ``multi_steps`` call, in order."""
   n = K * CYCLES
@@ -129,10 +108,12 @@ def run_multi_steps(mesh, process_id, num_processes):
   params, batch = fsdp_problem()
   ms = jaxaccum.multi_steps(multi_steps_inner(), K, data_axis="data", mesh=mesh)
   update = jax.jit(ms.update)
+  grad_fn = jaxaccum.grad(plain_loss, num_microbatches=1, data_axis="data",
+                          mesh=mesh, defer_reduction=True)
 
   @jax.jit
   def step(params, state, batch):
-    updates, state = ms.update(deferred_grads(plain_loss, params, batch), state, params)
+    updates, state = ms.update(grad_fn(params, batch), state, params)
     return jax.tree.map(lambda p, u: p + u, params, updates), state
 
   params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), params)
@@ -144,8 +125,7 @@ def run_multi_steps(mesh, process_id, num_processes):
       call = tuple(jax.make_array_from_process_local_data(
           NamedSharding(mesh, P("data")), a[local]) for a in call)
       params, state = step(params, state, call)
-    counts = jaxaccum.count_collectives(update, deferred_grads(plain_loss, params, call),
-                                        state, params)
+    counts = jaxaccum.count_collectives(update, grad_fn(params, call), state, params)
   return params, counts
 
 

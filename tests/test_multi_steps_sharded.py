@@ -1,7 +1,8 @@
 """``multi_steps(data_axis=...)`` under plain ``jax.jit``, on 8 simulated CPU devices.
 
 For each layout (data parallel, FSDP, tensor parallel, HSDP) on Explicit and
-Auto meshes, a training step takes gradients whose reduction is deferred
+Auto meshes, a training step takes the gradients of
+``jaxaccum.value_and_grad(..., defer_reduction=True)``
 (:class:`jaxaccum.DeferredGrads`) and ``multi_steps`` reduces them once per
 cycle: the parameters equal the inner optimizer run once per cycle on the
 full batch of all ``k`` calls' rows on one device; updates and state keep
@@ -15,16 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxaccum
 from _models import assert_rel_close, standard_promotion
-from jaxaccum import _compat, _sharded
+from jaxaccum import _sharded
 
 K = 2  # calls per cycle
 CYCLES = 2
-ROWS = 16  # rows per call: 2 per device
+ROWS = 32  # rows per call: 4 per device
+N = 2  # micro-batches per call
 W1, W2 = (16, 32), (32, 8)
 
 # layout -> (mesh shape, mesh axes, data axes, parameter specs)
@@ -56,41 +57,15 @@ def loss(params, batch):
   """Mean squared error of a two-layer tanh network, scaled so that the
   inner optimizer's global-norm clipping is active."""
   x, y = batch
-  h = jnp.tanh(x @ params["w1"])
   mesh = jax.sharding.get_abstract_mesh()
-  # Explicit tensor parallelism: the contraction over "model" is reduced.
-  explicit_model = "model" in mesh.axis_names and (
-      dict(zip(mesh.axis_names, mesh.axis_types))["model"] == AxisType.Explicit)
-  out = jnp.einsum("bh,ho->bo", h, params["w2"],
-                   **({"out_sharding": P()} if explicit_model else {}))
+  types = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_types))
+  if types.get("model") != AxisType.Explicit:
+    return 20.0 * jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+  # Explicit tensor parallelism names the output shardings of the contractions.
+  data = "data" if types["data"] == AxisType.Explicit else None
+  h = jnp.tanh(jnp.einsum("bi,ih->bh", x, params["w1"], out_sharding=P(data, "model")))
+  out = jnp.einsum("bh,ho->bo", h, params["w2"], out_sharding=P(data, None))
   return 20.0 * jnp.mean((out - y) ** 2)
-
-
-def deferred_value_and_grad(loss, axes, specs, explicit):
-  """``(value, DeferredGrads)`` of a mean loss over a batch sharded over ``axes``.
-
-  A hand-written ``shard_map`` over the data axes: each device differentiates
-  its rows with device-varying parameters (so nothing is reduced), and
-  returns its partial sum at its row of a leading device axis.
-  """
-  entry = axes if len(axes) > 1 else axes[0]
-
-  def value_and_grad(params, batch):
-    mesh = jax.sharding.get_abstract_mesh()
-    devices = int(np.prod([dict(mesh.shape)[a] for a in axes]))
-    if explicit:  # shard_map does not reshard inputs on Explicit axes
-      params = jax.tree.map(lambda p, s: jax.sharding.reshard(
-          p, _sharded.without(s, axes, p.ndim)), params, specs)
-
-    def local(params, batch):
-      value, grads = jax.value_and_grad(loss)(_compat.pcast_to_varying(params, axes), batch)
-      return lax.psum(value, axes) / devices, jax.tree.map(lambda g: (g / devices)[None], grads)
-
-    value, partials = jax.shard_map(local, in_specs=(P(), P(entry)), out_specs=(P(), P(entry)),
-                                    axis_names=frozenset(axes))(params, batch)
-    return value, jaxaccum.DeferredGrads(partials, axes)
-
-  return value_and_grad
 
 
 def _problem():
@@ -157,7 +132,8 @@ def _setup(layout, axis_type, **options):
   # On Auto axes a parameter's sharding is invisible inside jit: pass it.
   extra = {"param_specs": specs} if axis_type == "Auto" else {}
   ms = jaxaccum.multi_steps(_inner(), K, data_axis=entry, **extra, **options)
-  grad_fn = deferred_value_and_grad(loss, axes, specs, axis_type == "Explicit")
+  grad_fn = jaxaccum.value_and_grad(loss, num_microbatches=N, data_axis=entry,
+                                    defer_reduction=True, **extra)
 
   @jax.jit
   def step(params, state, batch):
@@ -200,13 +176,14 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   # the conditional, on the completing call.
   assert every_call(update_counts) == {}, update_counts
   assert_collectives(_by_kind(update_counts, "in_conditionals"), EXPECTED[layout], update_counts)
-  # The whole step: the same conditional; every call only what the gradient
-  # function itself does (the loss value, tensor-parallel activations, and
-  # FSDP's parameter gathers), no gradient reduction.
+  # The whole step: the same conditional; on every call (and in the
+  # micro-batch loop) only what the gradient function itself does (the loss
+  # value, tensor-parallel activations, FSDP's parameter gathers), no
+  # gradient reduction.
   assert_collectives(_by_kind(step_counts, "in_conditionals"), EXPECTED[layout], step_counts)
-  calls_every = every_call(step_counts)
-  assert "reduce_scatter" not in calls_every, step_counts
-  assert calls_every.get("all_reduce", (0, 0))[1] < 4 * W2[0] * W2[1] // 4, step_counts
+  for where in (every_call(step_counts), _by_kind(step_counts, "inside_loops")):
+    assert "reduce_scatter" not in where, step_counts
+    assert where.get("all_reduce", (0, 0))[1] < 4 * W2[0] * W2[1] // 4, step_counts
 
 
 def _run_updates(ms, params, grads_of, mesh, per_call):
@@ -354,8 +331,8 @@ def test_flax_linen_train_state_recipe(axis_type):
   host_params, batch = _problem()
   variables = model.init(jax.random.key(1), batch[0][:1])
   loss_fn = _dense_loss(model.apply)
-  grad_fn = deferred_value_and_grad(loss_fn, ("data",), jax.tree.map(lambda _: P(), variables),
-                                    axis_type == "Explicit")
+  grad_fn = jaxaccum.value_and_grad(loss_fn, num_microbatches=1, data_axis="data", mesh=mesh,
+                                    defer_reduction=True)
   ms = jaxaccum.multi_steps(_inner(), K, data_axis="data", mesh=mesh)
 
   @jax.jit
