@@ -53,14 +53,20 @@ EXPECTED = {
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "collective_permute")
 
 
-def loss(params, batch):
+def plain_loss(params, batch):
   """Mean squared error of a two-layer tanh network, scaled so that the
   inner optimizer's global-norm clipping is active."""
+  x, y = batch
+  return 20.0 * jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+
+
+def loss(params, batch):
+  """:func:`plain_loss`, also on an Explicit tensor-parallel mesh."""
   x, y = batch
   mesh = jax.sharding.get_abstract_mesh()
   types = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_types))
   if types.get("model") != AxisType.Explicit:
-    return 20.0 * jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+    return plain_loss(params, batch)
   # Explicit tensor parallelism names the output shardings of the contractions.
   data = "data" if types["data"] == AxisType.Explicit else None
   h = jnp.tanh(jnp.einsum("bi,ih->bh", x, params["w1"], out_sharding=P(data, "model")))
@@ -92,7 +98,7 @@ def _reference(params, batch):
   calls = _calls(batch)
   for c in range(CYCLES):
     rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
-    updates, state = inner.update(jax.grad(loss)(params, rows), state, params)
+    updates, state = inner.update(jax.grad(plain_loss)(params, rows), state, params)
     params = optax.apply_updates(params, updates)
   return params
 
@@ -214,7 +220,7 @@ def test_ordinary_gradients_are_reduced_once_not_twice(layout, axis_type, grad_l
   grad_specs = specs if grad_layout == "params" else {k: P() for k in specs}
 
   def grads_of(i, params):
-    grads = jax.grad(loss)(jax.device_get(params), calls[i])
+    grads = jax.grad(plain_loss)(jax.device_get(params), calls[i])
     return jax.tree.map(lambda g, s: jax.device_put(g, NamedSharding(mesh, s)), grads, grad_specs)
 
   params, _, counts = _run_updates(ms, params, grads_of, mesh, [{}] * len(calls))
@@ -238,7 +244,7 @@ def test_weights_options_and_skips_with_deferred_gradients():
   # gradient is the exact weighted sum / mean of the calls that count.
   mesh = _mesh("DDP", "Auto")
   host_params, batch = _problem()
-  grads = [jax.grad(loss)(host_params, c) for c in _calls(batch)]
+  grads = [jax.grad(plain_loss)(host_params, c) for c in _calls(batch)]
   deferred = [_host_deferred(g, 8, ("data",), i) for i, g in enumerate(grads)]
   deferred[1] = jaxaccum.DeferredGrads(
       {**deferred[1].partials, "w1": deferred[1].partials["w1"].at[3, 0, 0].set(jnp.nan)},
@@ -272,7 +278,7 @@ def test_fsdp_parameters_with_replicated_gradients_without_data_axis():
   calls = _calls(batch)
 
   def grads_of(i, params):
-    return jax.device_put(jax.grad(loss)(jax.device_get(params), calls[i]),
+    return jax.device_put(jax.grad(plain_loss)(jax.device_get(params), calls[i]),
                           NamedSharding(mesh, P()))
 
   params, state, _ = _run_updates(ms, params, grads_of, mesh, [{}] * len(calls))
