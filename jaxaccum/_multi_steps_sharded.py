@@ -121,6 +121,13 @@ class DataCycle:
             f"gradients deferred over axes {tuple(grads.axes)} given to "
             f"multi_steps(data_axis={_entry(self.axes)!r}); pass the same data_axis "
             "to value_and_grad and multi_steps")
+      got = [jnp.shape(g) for g in jax.tree.leaves(grads.partials)]
+      want = [a.shape for a in jax.tree.leaves(acc)]
+      if got != want:
+        raise ValueError(
+            f"DeferredGrads of shapes {got} given to a multi_steps whose accumulator has "
+            f"shapes {want} (one row per device along data_axis="
+            f"{_entry(self.axes)!r}); use the same mesh for value_and_grad and multi_steps")
       return grads.partials
     mesh = self.mesh()
     manual = self.manual(mesh)

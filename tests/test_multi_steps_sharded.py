@@ -302,6 +302,11 @@ def test_bad_input_is_a_clear_error():
                        r"multi_steps\(data_axis=\('replica', 'shard'\)\)"):
       ms.update(deferred, state, params)
   with jax.set_mesh(mesh):
+    ms = jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="data")
+    with pytest.raises(ValueError, match=r"shapes \[\(4, 3\)\] given to a multi_steps whose "
+                       r"accumulator has shapes \[\(8, 3\)\]"):
+      ms.update(jaxaccum.DeferredGrads({"w": jnp.ones((4, 3))}, ("data",)), ms.init(params),
+                params)
     with pytest.raises(ValueError, match=r"data_axis='batch'\) names axes \['batch'\] that "
                        r"the mesh does not have \(mesh axes: \('data',\)\)"):
       jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="batch").init(params)
