@@ -48,19 +48,12 @@ class Outputs(NamedTuple):
 def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
                args: tuple, kwargs: dict) -> Outputs:
   """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
-  aux_tree = []  # the aux's treedef, known once the micro-step is traced
-
-  def loop(strategy, args, kwargs):
-    return _run(options, plan, grad_fn, strategy, args, kwargs, aux_tree)
-
-  replicated, scattered = strategy.run(loop, args, kwargs)
-  aux = aux_tree[-1].unflatten(
-      [scattered[i] if i in scattered else leaf for i, leaf in enumerate(replicated.aux)])
-  return replicated._replace(aux=aux)
+  return strategy.run(lambda strategy, args, kwargs: _run(
+      options, plan, grad_fn, strategy, args, kwargs), args, kwargs)
 
 
 def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
-         args: tuple, kwargs: dict, aux_tree: list) -> tuple[Outputs, dict]:
+         args: tuple, kwargs: dict) -> Outputs:
   """The loop on one device (or on each device of ``strategy``)."""
   batch = _microbatch.batch_of(plan, args, kwargs)
   args = list(args)
@@ -91,7 +84,6 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: An
       sums, seq_states, stacked = _scan(
           lambda m: _contribution(reducers, kinds, strategy, m), strategy, traced,
           strided, plan, _like(seq_init, seq_like), like, options.num_real_microbatches)
-  aux_tree.append(jax.tree.structure(like.aux))
   with jax.named_scope("jaxaccum/reduce"):
     return _reduce(options, plan, strategy, reducers, kinds, sums, seq_states, stacked,
                    like, rows)
@@ -162,7 +154,7 @@ def _like(tree: PyTree, shapes: PyTree) -> PyTree:
 
 def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: tuple,
             sums: dict, seq_states: tuple, stacked: dict, like: Micro,
-            rows: int) -> tuple[Outputs, dict]:
+            rows: int) -> Outputs:
   """The one cross-device reduction, then every reducer's ``finalize``."""
   concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
             if kinds[i] == "concat"}
@@ -175,12 +167,13 @@ def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: 
   totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1,
                             _valid_real(real, plan.n))
   done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
-  done["grads"] = strategy.result(done["grads"])
-  aux = [done["aux"][i] if i in done.get("aux", {}) else _device_mean(stacked[i], devices)
-         if i in stacked else None for i in range(len(kinds))]
+  summed = done.get("aux", {})
+  aux = [summed[i] if i in summed else concat[i] if i in concat
+         else _device_mean(stacked[i], devices) for i in range(len(kinds))]
   states = _states(options, seq_states, done.get("mean_states", {}), devices)
   stats = _make_stats(totals, n, rows) if options.with_stats else None
-  return Outputs(done["value"], aux, states, done["grads"], stats), concat
+  return Outputs(done["value"], jax.tree.structure(like.aux).unflatten(aux), states,
+                 strategy.result(done["grads"]), stats)
 
 
 def _valid_real(real: Any, n: int) -> jax.Array | None:

@@ -119,16 +119,19 @@ def _missing_batch(options: Options, missing: list, args: tuple, kwargs: dict) -
   fix = ("the batch must be an argument of fun (a loss that reads its data from a "
          "closure cannot be split): pass it, naming a keyword batch with "
          "batch_argnames= and a positional one with batch_argnums=")
-  return (f"batch_argnums={options.batch_argnums}, batch_argnames="
-          f"{options.batch_argnames} name arguments {missing} that this call does not "
-          f"pass (it passes {passed}); {fix}")
+  nums, names = options.batch_argnums, options.batch_argnames
+  shown = ", ".join(
+      ([f"batch_argnums={nums[0] if len(nums) == 1 else nums}"] if nums else [])
+      + ([f"batch_argnames={names}"] if names else []))
+  return (f"{shown} names arguments {missing} that this call does not pass (it passes "
+          f"{passed}); {fix}")
 
 
 def _num_microbatches(options: Options, size: int) -> int:
   where = (f"the batch arguments (batch_argnums={options.batch_argnums}, "
            f"batch_argnames={options.batch_argnames})")
   if size == 0:
-    raise ValueError(f"{where} have batch size 0: there are no rows to split")
+    raise ValueError(f"{where} have leading size 0: there are no rows to split")
   if options.microbatch_size is not None:
     microbatch_size = options.microbatch_size
     if size % microbatch_size:
@@ -175,15 +178,18 @@ def batch_size(batch: Batch, axes: tuple[int, ...]) -> int:
     if not isinstance(leaf, (jax.Array, np.ndarray)):
       raise TypeError(f"batch leaf {where} is a {type(leaf).__name__}, not an array; "
                       "pass jax or numpy arrays with a batch axis")
+    if leaf.ndim == 0:
+      raise ValueError(f"batch leaf {where} is a scalar; it needs a leading batch axis")
     if not -leaf.ndim <= axis < leaf.ndim:
       raise ValueError(f"batch leaf {where} of shape {leaf.shape} has no axis {axis}; "
-                       "it needs a batch axis (see in_axes=)")
+                       "it needs a batch axis there (see in_axes=)")
     sizes[where] = leaf.shape[axis]
   if not sizes:
     raise ValueError("the batch arguments hold no arrays to split")
   if len(set(sizes.values())) > 1:
     listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-    raise ValueError(f"batch leaves have different batch sizes ({listed})")
+    raise ValueError(f"batch leaves have different leading sizes along their batch "
+                     f"axes ({listed})")
   return next(iter(sizes.values()))
 
 

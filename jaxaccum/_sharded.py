@@ -107,9 +107,7 @@ class DataAxis:
   differentiated arguments' shardings: on Explicit data axes
   :class:`ExplicitData` (plain ``jit``), unless the loss or the options
   cannot take reduced parameters; otherwise :class:`ShardMapData`. Trying
-  the first costs one more trace of the loss where it fails. The loop
-  returns ``(outputs, scattered)``: the reduced results, and the per-example
-  aux rows that stay sharded along ``axes`` like the batch.
+  the first costs one more trace of the loss where it fails.
   """
 
   axes: Axes
@@ -136,7 +134,8 @@ class DataAxis:
       except Exception as e:  # noqa: BLE001 -- any rejection falls back
         first_error = e
     positions = {"argnums": o.argnums, "batch_argnums": self.plan.positions,
-                 "batch_argnames": self.plan.names, "in_axes": self.plan.axes}
+                 "batch_argnames": self.plan.names, "in_axes": self.plan.axes,
+                 "aux_reduction": o.aux_reduction}
     strategy = ShardMapData(mesh, self.axes, o.fsdp_gather, specs, o.argnums_is_int,
                             positions, o.defer_reduction)
     try:
@@ -298,19 +297,22 @@ class ShardMapData(_Strategy):
     batch = P(axis_spec(self.axes))
     in_specs = self._in_specs(args, kwargs)
     args, kwargs = _to_specs(self.mesh, self.axes, in_specs, (args, kwargs))
-    kind = []
+    # Per-example ("concat") aux rows stay sharded like the batch; the rest
+    # is reduced, the same on every device.
+    aux_specs = jax.tree.map(lambda kind: batch if kind == "concat" else P(),
+                             self.positions["aux_reduction"])
+    grad_specs = batch if self.defer else self.grad_specs
+    kind = []  # the loop's output type, rebuilt from the tuple shard_map returns
 
     def body(args, kwargs):
-      out, scattered = loop(self, args, kwargs)
+      out = loop(self, args, kwargs)
       kind.append(type(out))
-      return tuple(out), scattered
+      return tuple(out)
 
-    grad_specs = batch if self.defer else self.grad_specs
-    out_specs = ((P(), P(), P(), grad_specs, P()), batch)
-    out, scattered = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
-                                   out_specs=out_specs,
-                                   axis_names=frozenset(self.axes))(args, kwargs)
-    return kind[0](*out), scattered
+    out = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
+                        out_specs=(P(), aux_specs, P(), grad_specs, P()),
+                        axis_names=frozenset(self.axes))(args, kwargs)
+    return kind[0](*out)
 
   def _in_specs(self, args: tuple, kwargs: dict) -> tuple:
     """Batch leaves sharded over the data axes along their batch axis,
