@@ -185,7 +185,8 @@ def multi_steps(
     return _update(cfg, updates, state, params, weight, extra_args)
 
   ms = MultiSteps(functools.partial(_init, cfg), update_fn)
-  ms.__dict__.update(inner_opt=inner, options=(cfg.use_grad_mean, cfg.accumulator_dtype))
+  ms.__dict__.update(inner_opt=inner, options=(cfg.use_grad_mean, cfg.accumulator_dtype,
+                                                       cfg.data))
   return ms
 
 

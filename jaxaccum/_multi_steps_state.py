@@ -88,7 +88,8 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     those the ``optax.MultiSteps`` had. ``optax.MultiSteps`` keeps the running
     mean of the cycle's gradients (with ``use_grad_mean``), this state their
     sum: the sum is recovered as ``mini_step`` times the mean (exact up to
-    rounding).
+    rounding). With ``data_axis`` the sum becomes the accumulator's rows
+    (placed, not reduced again), on the mesh of ``multi_steps``.
 
     Args:
       optax_state: the ``optax.MultiStepsState``.
@@ -98,17 +99,20 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     """
     mini_step = jnp.asarray(optax_state.mini_step, jnp.int32)
     count = mini_step.astype(jnp.float32)
-    use_grad_mean, accumulator_dtype = self.__dict__["options"]
+    use_grad_mean, accumulator_dtype, data = self.__dict__["options"]
 
     def to_sum(acc):
       acc = acc.astype(_dtypes.accumulator_for(accumulator_dtype, acc.dtype))
       return acc * count.astype(acc.dtype) if use_grad_mean else acc
 
     gradient_step = jnp.asarray(optax_state.gradient_step, jnp.int32)
+    acc_grads = jax.tree.map(to_sum, optax_state.acc_grads)
+    if data is not None:
+      acc_grads = data.partials(acc_grads, data.zeros(acc_grads, lambda dtype: dtype))
     return MultiStepsState(
         mini_step=mini_step, gradient_step=gradient_step,
         inner_opt_state=optax_state.inner_opt_state,
-        acc_grads=jax.tree.map(to_sum, optax_state.acc_grads),
+        acc_grads=acc_grads,
         acc_weight=count, skip_state=optax_state.skip_state,
         updated=jnp.logical_and(mini_step == 0, gradient_step > 0))
 

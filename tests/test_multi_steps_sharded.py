@@ -408,3 +408,31 @@ def test_flax_nnx_optimizer_recipe():
     updates, inner_state = inner.update(grads, inner_state, params)
     params = optax.apply_updates(params, updates)
   assert_rel_close(got, params)
+
+
+def test_resume_from_a_mid_cycle_optax_multisteps_state():
+  # state_from_optax places optax.MultiSteps' running sum in the rows of the
+  # data_axis accumulator (FSDP parameters, Explicit axes); the cycle goes on
+  # with the updates optax.MultiSteps gives.
+  mesh = _mesh("FSDP", "Explicit")
+  specs = LAYOUTS["FSDP"][3]
+  host_params, batch = _problem()
+  inner = optax.sgd(0.1, momentum=0.9)
+  ours = jaxaccum.multi_steps(inner, 3, data_axis="data")
+  theirs = standard_promotion(optax.MultiSteps(inner, 3).gradient_transformation())
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), host_params,
+                          specs)
+    grads = [jax.tree.map(lambda g, s: jax.device_put(g, NamedSharding(mesh, s)),
+                          jax.grad(plain_loss)(host_params, c), specs) for c in _calls(batch)]
+    s2 = theirs.init(params)
+    _, s2 = theirs.update(grads[0], s2, params)
+    s1 = ours.state_from_optax(s2)
+    assert s1.acc_grads["w1"].shape == (8, *W1)
+    update = jax.jit(ours.update)
+    for g in grads[1:3]:
+      u1, s1 = update(g, s1, params)
+      u2, s2 = theirs.update(g, s2, params)
+  assert bool(ours.has_updated(s1))
+  assert_rel_close(u1, u2)
+  _assert_sharded_like(u1, specs, mesh)
