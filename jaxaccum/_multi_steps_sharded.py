@@ -220,4 +220,8 @@ def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> D
   if mesh is not None and not hasattr(mesh, "axis_names"):
     raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
                     "for the mesh of jax.set_mesh)")
+  if not all(_is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_is_spec)):
+    raise TypeError(f"multi_steps(param_specs={param_specs!r}) must be a PartitionSpec or "
+                    "a pytree of them (a prefix of the parameters), e.g. "
+                    "{'w': P('data', None), 'b': P()}")
   return DataCycle(axes, mesh, param_specs)

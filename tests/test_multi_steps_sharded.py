@@ -320,6 +320,8 @@ def test_bad_input_is_a_clear_error():
       jaxaccum.multi_steps(optax.sgd(1.0), 2, **option)
   with pytest.raises(TypeError, match="mesh="):
     jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="data", mesh="data")
+  with pytest.raises(TypeError, match="param_specs='data'.* must be a PartitionSpec"):
+    jaxaccum.multi_steps(optax.sgd(1.0), 2, data_axis="data", param_specs="data")
   # Deferred gradients applied directly fail on their structure.
   with pytest.raises(ValueError):
     optax.apply_updates(params, deferred)
