@@ -13,7 +13,6 @@ reduction the layout needs, inside the conditional.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
