@@ -45,16 +45,27 @@ class Outputs(NamedTuple):
   stats: Any
 
 
-def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
-               args: tuple, kwargs: dict) -> Outputs:
+def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
+               strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
   """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
-  return strategy.run(lambda strategy, args, kwargs: _run(
-      options, plan, grad_fn, strategy, args, kwargs), args, kwargs)
+  real = options.num_real_microbatches
+  if not isinstance(real, jax.Array):
+    return strategy.run(lambda strategy, args, kwargs: _run(
+        options, plan, grad_fn, strategy, args, kwargs, real), args, kwargs)
+
+  def loop(strategy, args, kwargs):
+    *args, traced_real = args
+    return _run(options, plan, grad_fn, strategy, tuple(args), kwargs, traced_real)
+
+  # An array count travels as one more (replicated) argument: a shard_map over
+  # Explicit axes may not close over it.
+  return strategy.run(loop, args + (real,), kwargs)
 
 
-def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: Any,
-         args: tuple, kwargs: dict) -> Outputs:
-  """The loop on one device (or on each device of ``strategy``)."""
+def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
+         strategy: _parallel.Strategy, args: tuple, kwargs: dict, real: Any) -> Outputs:
+  """The loop on one device (or on each device of ``strategy``); ``real``:
+  ``num_real_microbatches``."""
   batch = _microbatch.batch_of(plan, args, kwargs)
   args = list(args)
   for i, diff in zip(options.argnums, strategy.prepare(tuple(args[i] for i in options.argnums))):
@@ -83,13 +94,13 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any], strategy: An
       reducers = _reducers.build(options, kinds, mean_inputs)
       sums, seq_states, stacked = _scan(
           lambda m: _contribution(reducers, kinds, strategy, m), strategy, traced,
-          strided, plan, _like(seq_init, seq_like), like, options.num_real_microbatches)
+          strided, plan, _like(seq_init, seq_like), like, real)
   with jax.named_scope("jaxaccum/reduce"):
     return _reduce(options, plan, strategy, reducers, kinds, sums, seq_states, stacked,
-                   like, rows)
+                   like, rows, real)
 
 
-def _contribution(reducers: dict, kinds: tuple, strategy: Any, m: Micro):
+def _contribution(reducers: dict, kinds: tuple, strategy: _parallel.Strategy, m: Micro):
   """What micro-batch ``m`` adds to the sums, and its stacked aux leaves."""
   sums = {name: r.contribute(m) for name, r in reducers.items()}
   sums["grads"] = strategy.gradients(sums["grads"])
@@ -100,23 +111,31 @@ def _contribution(reducers: dict, kinds: tuple, strategy: Any, m: Micro):
 
 def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
                 seq_init: tuple) -> tuple[Callable[..., Any], Micro, tuple]:
-  """``step`` traced once (the only trace of the user's loss), as a function
-  that evaluates that trace, and the types of its outputs."""
+  """``step`` traced once (the only trace of the user's loss), as a function the
+  scan body calls without tracing ``step`` again, and the types of its outputs."""
   zero = jnp.zeros([], jnp.int32)
-  closed, shapes = jax.make_jaxpr(step, return_shape=True)(
-      zero, _microbatch.microbatch(strided, plan, zero), seq_init)
+  micro = _microbatch.microbatch(strided, plan, zero)
+  if jax.sharding.get_abstract_mesh().empty:
+    # jit's cache holds the trace: the scan body binds one call of it.
+    traced = jax.jit(step)
+    like, seq_like = jax.eval_shape(traced, zero, micro, seq_init)
+    return traced, like, seq_like
+  # Under a mesh a jitted call may miss that cache (and a partly manual
+  # shard_map rejects it): the body evaluates the traced jaxpr instead.
+  closed, shapes = jax.make_jaxpr(step, return_shape=True)(zero, micro, seq_init)
   out_tree = jax.tree.structure(shapes)
   evaluate = jex_core.jaxpr_as_fun(closed)
 
-  def traced(index, micro, seq_states):
+  def traced_jaxpr(index, micro, seq_states):
     return out_tree.unflatten(evaluate(*jax.tree.leaves((index, micro, seq_states))))
 
   like, seq_like = out_tree.unflatten(closed.out_avals)
-  return traced, like, seq_like
+  return traced_jaxpr, like, seq_like
 
 
-def _scan(contribution: Callable[[Micro], Any], strategy: Any, traced: Callable[..., Any],
-          strided: _microbatch.Batch, plan: Plan, seq_init: tuple, like: Micro, real: Any):
+def _scan(contribution: Callable[[Micro], Any], strategy: _parallel.Strategy,
+          traced: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
+          seq_init: tuple, like: Micro, real: Any):
   """The sums over micro-batches ``0 .. N - 1`` (those below ``real`` only)."""
   sum_shapes, stack_shapes = jax.eval_shape(contribution, like)
   zeros = _like(strategy.zeros(sum_shapes), sum_shapes)
@@ -152,9 +171,9 @@ def _like(tree: PyTree, shapes: PyTree) -> PyTree:
   return jax.tree.map(cast, tree, shapes)
 
 
-def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: tuple,
-            sums: dict, seq_states: tuple, stacked: dict, like: Micro,
-            rows: int) -> Outputs:
+def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers: dict,
+            kinds: tuple, sums: dict, seq_states: tuple, stacked: dict, like: Micro,
+            rows: int, real: Any) -> Outputs:
   """The one cross-device reduction, then every reducer's ``finalize``."""
   concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
             if kinds[i] == "concat"}
@@ -162,7 +181,6 @@ def _reduce(options: Options, plan: Plan, strategy: Any, reducers: dict, kinds: 
   (sums, seq_states, stacked), grads = strategy.reduce((sums, seq_states, stacked), grads)
   sums["grads"] = grads
   devices = strategy.num_devices()
-  real = options.num_real_microbatches
   n = plan.n if real is None else real
   totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1,
                             _valid_real(real, plan.n))

@@ -48,7 +48,11 @@ class Totals(NamedTuple):
 
   def mean(self, total: jax.Array) -> jax.Array:
     """``total`` over the weights' sum (else ``N * D``); zero for zero weight."""
-    weight = self.sums.get("weight", self.count)
+    weight = self.sums.get("weight")
+    if weight is None and isinstance(self.count, int):
+      # A static count is never zero: a plain division, as a hand-written loop.
+      return total / jnp.asarray(self.count, total.dtype)
+    weight = self.count if weight is None else weight
     return _dtypes.ratio(total, jnp.asarray(weight).astype(total.dtype))
 
   def as_given(self, x: jax.Array) -> jax.Array:

@@ -158,3 +158,30 @@ def test_bad_param_specs(spec, match):
                                     mesh=mesh, param_specs=spec)
   with pytest.raises(ValueError, match=match):
     jax.jit(grad_fn)(PARAMS, (X, Y))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_data_axis_with_in_axes_and_traced_real_microbatches(axis_type):
+  """Under data_axis each device splits its rows the same way: the real rows
+  are still those with ``r % N < n``, and a batch axis 1 stays sharded."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  xs = jnp.stack([X, -X])  # [T, B, F]
+
+  def loss(params, xs, y):
+    return jnp.mean(jnp.stack([loss_xy(params, x, y) for x in xs]))
+
+  with jax.set_mesh(mesh):
+    params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
+    xs_s = jax.device_put(xs, NamedSharding(mesh, P(None, "data")))
+    y_s = jax.device_put(Y, NamedSharding(mesh, P("data")))
+
+    @jax.jit
+    def step(params, xs, y, n):
+      return jaxaccum.value_and_grad(loss, num_microbatches=2, batch_argnums=(1, 2),
+                                     in_axes=(1, 0), data_axis="data",
+                                     num_real_microbatches=n)(params, xs, y)
+
+    for n in (1, 2):
+      got = step(params, xs_s, y_s, jnp.int32(n))
+      rows = np.arange(X.shape[0]) % 2 < n
+      assert_rel_close(got, jax.value_and_grad(loss)(PARAMS, xs[:, rows], Y[rows]), 1e-5)
