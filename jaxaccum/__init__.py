@@ -16,8 +16,10 @@ Modules, one concept each, in the order one call of
   ``_sharded``: ``data_axis`` under plain ``jit`` (replicated, FSDP, tensor
   parallel and HSDP parameters; ``defer_reduction``).
 - ``_dtypes``: accumulator dtypes and weight rules, shared with
-  ``_multi_steps`` (accumulation across optimizer steps) and ``_deferred``
-  (gradients reduced at the cycle's end).
+  ``_multi_steps`` (accumulation across optimizer steps, with its input
+  checks; its state in ``_multi_steps_state``, the data-axis cycle under
+  plain ``jit`` in ``_multi_steps_sharded``) and ``_deferred`` (gradients
+  reduced at the cycle's end).
 - ``_collectives`` (over ``_hlo_parser``), ``_planner``, ``_noise_scale``,
   ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
   memory, noise-scale statistics.
@@ -34,7 +36,8 @@ from jax._src import traceback_util as _traceback_util
 from jaxaccum._accumulate import grad, value_and_grad
 from jaxaccum._deferred import DeferredGrads
 from jaxaccum._collectives import CollectiveCounts, CollectivesByKind, count_collectives
-from jaxaccum._multi_steps import MultiStepsState, has_updated, multi_steps
+from jaxaccum._multi_steps import multi_steps
+from jaxaccum._multi_steps_state import MultiStepsState, has_updated
 from jaxaccum._noise_scale import NoiseScaleSmoother, NoiseScaleState, noise_scale_ema
 from jaxaccum._planner import MicrobatchPlan, plan_microbatches, plan_step
 from jaxaccum._stats import AccumulationStats

@@ -39,7 +39,8 @@ import optax
 
 from jaxaccum import _compat
 from jaxaccum._accumulate import value_and_grad as _value_and_grad
-from jaxaccum._multi_steps import MultiStepsState, has_updated
+from jaxaccum._deferred import DeferredGrads
+from jaxaccum._multi_steps_state import MultiStepsState, has_updated
 
 # Before flax is imported: without it, the error names the extra to install.
 _compat.require_flax("jaxaccum.linen")
@@ -121,7 +122,9 @@ class TrainState(train_state.TrainState):
     """Like Flax's ``apply_gradients``; ``weight`` goes to ``tx.update``.
 
     Args:
-      grads: gradients with the structure of ``params``.
+      grads: gradients with the structure of ``params``, or the
+        :class:`jaxaccum.DeferredGrads` of ``defer_reduction=True`` (for a
+        ``tx`` that is a ``multi_steps(data_axis=...)``).
       weight: the weight of these gradients in the accumulation cycle (a
         non-negative scalar); ``None``: no ``weight`` is passed, so any
         ``tx`` works.
@@ -136,6 +139,12 @@ class TrainState(train_state.TrainState):
         :func:`jaxaccum.multi_steps`).
     """
     _check_weight(weight)
+    if isinstance(grads, DeferredGrads):
+      # Flax's apply_gradients looks for a key in ``grads``; these go to
+      # ``tx`` (a ``multi_steps(data_axis=...)``) as they are.
+      updates, opt_state = _tx_update(self, grads, weight)
+      return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                          opt_state=opt_state, **kwargs)
     if weight is None:
       return super().apply_gradients(grads=grads, **kwargs)
     # Flax's own apply_gradients, with a tx whose update receives the weight.

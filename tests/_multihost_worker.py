@@ -7,7 +7,11 @@ system with 4 CPU devices, builds the global 8-device mesh, runs
 all 8 devices of both processes, and saves the value, the gradients and the
 collective counts of the compiled step. With ``--layout fsdp`` the mesh's
 axis is Explicit and the parameters are sharded over it (FSDP,
-:func:`fsdp_problem`): the gradients come back sharded like them. Importing
+:func:`fsdp_problem`): the gradients come back sharded like them. With
+``--layout multi_steps`` it trains :data:`CYCLES` cycles of
+``multi_steps(..., data_axis="data")`` on the gradients of
+``value_and_grad(..., defer_reduction=True)``, and saves the parameters and the update's
+collectives on every call and in the cycle's conditional. Importing
 this module has no side effect: the test imports it for the problems and
 losses.
 """
@@ -20,6 +24,8 @@ import numpy as np
 
 GLOBAL_BATCH = 32
 NUM_MICROBATCHES = 2
+K = 2  # multi_steps calls per cycle
+CYCLES = 2
 
 
 def problem() -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -71,6 +77,58 @@ def fsdp_loss(params, batch):
   return jnp.mean((h @ params["w2"] - y) ** 2)
 
 
+def plain_loss(params, batch):
+  """Mean squared error of the FSDP problem's network, with no sharding in it."""
+  import jax.numpy as jnp
+
+  x, y = batch
+  return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+
+
+def calls_of(batch):
+  """The rows of each ``multi_steps`` call, in order."""
+  n = K * CYCLES
+  return [tuple(a[i::n] for a in batch) for i in range(n)]
+
+
+def multi_steps_inner():
+  import optax
+
+  return optax.adam(0.05)
+
+
+def run_multi_steps(mesh, process_id, num_processes):
+  """Trains the cycles on this process's rows of each call; returns the
+  parameters and the update's collective counts."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import jaxaccum
+
+  params, batch = fsdp_problem()
+  ms = jaxaccum.multi_steps(multi_steps_inner(), K, data_axis="data", mesh=mesh)
+  update = jax.jit(ms.update)
+  grad_fn = jaxaccum.grad(plain_loss, num_microbatches=1, data_axis="data",
+                          mesh=mesh, defer_reduction=True)
+
+  @jax.jit
+  def step(params, state, batch):
+    updates, state = ms.update(grad_fn(params, batch), state, params)
+    return jax.tree.map(lambda p, u: p + u, params, updates), state
+
+  params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), params)
+  with jax.set_mesh(mesh):
+    state = ms.init(params)
+    for call in calls_of(batch):
+      rows = len(call[0]) // num_processes
+      local = slice(process_id * rows, (process_id + 1) * rows)
+      call = tuple(jax.make_array_from_process_local_data(
+          NamedSharding(mesh, P("data")), a[local]) for a in call)
+      params, state = step(params, state, call)
+    counts = jaxaccum.count_collectives(update, grad_fn(params, call), state, params)
+  return params, counts
+
+
 def num_rows(batch):
   import jax.numpy as jnp
 
@@ -84,7 +142,7 @@ def main() -> None:
   parser.add_argument("--num-processes", type=int, required=True)
   parser.add_argument("--local-devices", type=int, default=4)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--layout", choices=("ddp", "fsdp"), default="ddp")
+  parser.add_argument("--layout", choices=("ddp", "fsdp", "multi_steps"), default="ddp")
   args = parser.parse_args()
 
   import jax
@@ -111,6 +169,17 @@ def main() -> None:
   fsdp = args.layout == "fsdp"
   axis_type = jax.sharding.AxisType.Explicit if fsdp else jax.sharding.AxisType.Auto
   mesh = jax.make_mesh((devices,), ("data",), axis_types=(axis_type,))
+  from jax.experimental import multihost_utils
+  whole = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  if args.layout == "multi_steps":
+    params, counts = run_multi_steps(mesh, args.process_id, args.num_processes)
+    np.savez(args.out, **{f"param_{k}": whole(v) for k, v in params.items()},
+             outside_loops=np.asarray(counts.outside_loops),
+             outside_bytes=np.asarray(counts.bytes.outside_loops),
+             in_conditionals=np.asarray(counts.in_conditionals),
+             conditional_bytes=np.asarray(counts.bytes.in_conditionals))
+    jax.distributed.shutdown()
+    return
 
   params, batch = fsdp_problem() if fsdp else problem()
   # Each process loads only its own rows, as a data loader would; the
@@ -134,8 +203,6 @@ def main() -> None:
     counts = jaxaccum.count_collectives(step, params, batch)
   sharded = [g.sharding.is_equivalent_to(NamedSharding(mesh, spec), g.ndim)
              for g in grads.values()]
-  from jax.experimental import multihost_utils
-  whole = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   np.savez(args.out, value=whole(value), sharded=np.asarray(sharded),
            **{f"grad_{k}": whole(v) for k, v in grads.items()},
            inside_loops=np.asarray(counts.inside_loops),

@@ -64,3 +64,40 @@ def test_resume_mid_cycle_is_bitwise_identical(tmp_path, skip):
 
   assert_trees_equal((params, state), uninterrupted)
   assert int(state.gradient_step) == 3
+
+
+def test_sharded_data_axis_state_resumes_mid_cycle(tmp_path):
+  # multi_steps(data_axis=) with FSDP parameters on an Explicit mesh: the
+  # accumulator of per-device partial sums, saved mid-cycle and restored
+  # onto the same shardings, resumes bit-exactly.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import test_multi_steps_sharded as sharded
+
+  ms, step, _, params0, calls, mesh = sharded._setup("FSDP", "Explicit")
+  with jax.set_mesh(mesh):
+    params, state = params0, ms.init(params0)
+    for call in calls:
+      params, state, _ = step(params, state, call)
+    uninterrupted = (params, state)
+
+    params, state = params0, ms.init(params0)
+    for call in calls[:sharded.K + 1]:
+      params, state, _ = step(params, state, call)
+    assert int(state.mini_step) == 1 and int(state.gradient_step) == 1
+    path = tmp_path / "ckpt"
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, {"params": params, "opt_state": state})
+    del params, state
+
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params0, "opt_state": ms.init(params0)})
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, target)
+    params, state = restored["params"], restored["opt_state"]
+    acc = state.acc_grads["w1"]
+    assert acc.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, None)), acc.ndim)
+    assert params["w1"].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+    for call in calls[sharded.K + 1:]:
+      params, state, _ = step(params, state, call)
+  assert_trees_equal((params, state), uninterrupted)

@@ -495,6 +495,16 @@ def test_weight_it_cannot_honour_gives_nan_updates(bad, use_grad_mean):
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, np.float32(np.nan), np.array(-1.0)])
+def test_static_weight_it_cannot_honour_is_an_error(bad):
+  # A Python or numpy weight is known when tracing: an error, not NaN updates.
+  opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+  with pytest.raises(ValueError, match=r"weight=.* must be a number >= 0"):
+    opt.update(_random_grads(1)[0], opt.init(_params()), weight=bad)
+  with pytest.raises(ValueError, match=r"weight=.* must be a number >= 0"):
+    jax.jit(lambda g, s: opt.update(g, s, weight=bad))(_random_grads(1)[0], opt.init(_params()))
+
+
 def test_non_scalar_weight_is_an_error():
   opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
   with pytest.raises(ValueError, match=r"weight must be a scalar, got shape \(3,\)"):

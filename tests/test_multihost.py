@@ -23,7 +23,7 @@ import pytest
 
 import _multihost_worker as worker
 from jaxaccum import _compat
-from _models import assert_rel_close
+from _models import assert_rel_close, standard_promotion
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 NUM_PROCESSES = 2
@@ -122,3 +122,31 @@ def test_fsdp_across_two_processes_equals_one_process(tmp_path):
     # The loss reduces its own value (4 bytes) per micro-batch; no gradient.
     assert result["inside_bytes"].sum() <= 4, (i, result["inside_bytes"])
     assert result["outside_loops"][0] >= 1, (i, result["outside_loops"])
+
+
+@pytest.mark.slow
+def test_multi_steps_data_axis_across_two_processes_reduces_once_per_cycle(tmp_path):
+  # multi_steps(data_axis=) on deferred gradients, the mesh spanning both
+  # processes: the parameters equal the inner optimizer on each cycle's full
+  # batch in this process, and the update's only collective is the gradient
+  # all-reduce (its bytes those of the parameters), inside the conditional.
+  import optax
+
+  outs = _run_workers(tmp_path, "multi_steps")
+  params, batch = worker.fsdp_problem()
+  calls = worker.calls_of(batch)
+  inner = standard_promotion(worker.multi_steps_inner())  # adam mixes int and float
+  with jax.default_device(jax.devices("cpu")[0]):
+    state = inner.init(params)
+    for c in range(worker.CYCLES):
+      rows = tuple(np.concatenate(a) for a in zip(*calls[c * worker.K:(c + 1) * worker.K]))
+      updates, state = inner.update(jax.grad(worker.plain_loss)(params, rows), state, params)
+      params = optax.apply_updates(params, updates)
+  param_bytes = sum(4 * np.size(p) for p in params.values())
+  for i, out in enumerate(outs):
+    result = np.load(out)
+    assert_rel_close({k: result[f"param_{k}"] for k in params}, params)
+    # (all_reduce, reduce_scatter, all_gather, all_to_all, collective_permute)
+    np.testing.assert_array_equal(result["outside_loops"], result["in_conditionals"])
+    assert result["conditional_bytes"][0] == param_bytes, (i, result["conditional_bytes"])
+    assert result["conditional_bytes"][1:].sum() == 0, (i, result["conditional_bytes"])

@@ -1,0 +1,227 @@
+"""``multi_steps(data_axis=...)``: one gradient reduction per cycle under ``jit``.
+
+The accumulator has the form of :class:`jaxaccum.DeferredGrads`'s
+``partials``: per parameter an array of shape ``(D, *param.shape)`` (``D``
+devices along the data axes) sharded over the data axes on its leading
+dimension, each device's running sum in its own row. Adding a call's partial
+sums to it is elementwise between arrays of one sharding: no collective.
+Ordinary (already reduced) gradients are added exactly too: each device puts
+its block of the gradient at the block's position in its row, on one device
+per block (a ``shard_map`` with no collective), so the rows still sum to the
+cycle's total.
+
+The cycle's last call reduces the rows in a ``shard_map`` manual over the data
+axes only (other axes stay automatic, so tensor-parallel dimensions are never
+gathered): a ``psum_scatter`` over the data axes a parameter is sharded over
+(FSDP: the sum lands in the parameter's shards), a ``psum`` over the others.
+:mod:`jaxaccum._multi_steps` calls this inside the ``lax.cond`` branch that
+ends the cycle, whose operands are ordinary sharded arrays (never
+``unreduced`` ones, which would make XLA reduce outside the conditional on
+every call), and runs the inner optimizer there under ordinary sharding, on
+the global gradient, so global norms stay global.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jaxaccum import _options, _sharded
+from jaxaccum._deferred import DeferredGrads
+
+PyTree = Any
+Axes = tuple[Hashable, ...]
+
+
+def _entry(axes: Axes) -> Any:
+  return axes if len(axes) > 1 else axes[0]
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, P)
+
+
+class DataCycle:
+  """The data axes of one ``multi_steps``, its mesh and parameter specs.
+
+  ``mesh`` (``None``: the ambient mesh of ``jax.set_mesh``) and
+  ``param_specs`` (on Auto axes: the parameters' ``PartitionSpec`` pytree,
+  or a prefix of it; ``None``: replicated over the data axes) are read when
+  ``init`` / ``update`` trace.
+  """
+
+  def __init__(self, axes: Axes, mesh: Any, param_specs: Any):
+    self.axes = axes
+    self._mesh = mesh
+    self.param_specs = param_specs
+
+  def mesh(self) -> Any:
+    """The mesh, checked to have the data axes."""
+    mesh = jax.sharding.get_abstract_mesh() if self._mesh is None else self._mesh
+    missing = [a for a in self.axes if a not in mesh.axis_names]
+    if missing:
+      raise ValueError(
+          f"multi_steps(data_axis={_entry(self.axes)!r}) names axes {missing} that "
+          f"the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); pass "
+          "mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
+    return mesh
+
+  def num_devices(self, mesh: Any) -> int:
+    return math.prod(dict(mesh.shape)[a] for a in self.axes)
+
+  def explicit(self, mesh: Any) -> bool:
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    return all(types[a] == AxisType.Explicit for a in self.axes)
+
+  def specs(self, tree: PyTree, mesh: Any) -> PyTree:
+    """Per leaf of ``tree`` (parameters or gradients), its ``PartitionSpec``."""
+    if self.explicit(mesh):
+      return jax.tree.map(_sharded.spec_of, tree)
+    if self.param_specs is None:
+      return jax.tree.map(lambda _: P(), tree)
+    try:
+      return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub),
+                          self.param_specs, tree, is_leaf=_is_spec)
+    except ValueError as e:
+      raise ValueError(
+          f"multi_steps(param_specs={self.param_specs!r}) must be a pytree prefix "
+          f"of the parameters, of structure {jax.tree.structure(tree)}") from e
+
+  def partial_spec(self, spec: P, ndim: int) -> P:
+    """The accumulator's spec for a parameter of ``spec``: data axes on a new
+    leading dimension, the parameter's other axes kept."""
+    return P(_entry(self.axes), *_sharded.without(spec, self.axes, ndim))
+
+  def place(self, x: jax.Array, mesh: Any, spec: P) -> jax.Array:
+    """``x`` (inside or outside ``jit``) with sharding ``spec`` on ``mesh``."""
+    if self.explicit(mesh):
+      return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def zeros(self, params: PyTree, dtype_of: Any) -> PyTree:
+    """The empty accumulator for ``params``."""
+    mesh = self.mesh()
+    d = self.num_devices(mesh)
+    return jax.tree.map(
+        lambda p, s: self.place(jnp.zeros((d, *jnp.shape(p)), dtype_of(jnp.result_type(p))),
+                                mesh, self.partial_spec(s, jnp.ndim(p))),
+        params, self.specs(params, mesh))
+
+  def partials(self, grads: Any, acc: PyTree) -> PyTree:
+    """A call's gradients in the accumulator's form (no collective)."""
+    if isinstance(grads, DeferredGrads):
+      if tuple(grads.axes) != self.axes:
+        raise ValueError(
+            f"gradients deferred over axes {tuple(grads.axes)} given to "
+            f"multi_steps(data_axis={_entry(self.axes)!r}); pass the same data_axis "
+            "to value_and_grad and multi_steps")
+      got = [jnp.shape(g) for g in jax.tree.leaves(grads.partials)]
+      want = [a.shape for a in jax.tree.leaves(acc)]
+      if got != want:
+        raise ValueError(
+            f"DeferredGrads of shapes {got} given to a multi_steps whose accumulator has "
+            f"shapes {want} (one row per device along data_axis="
+            f"{_entry(self.axes)!r}); use the same mesh for value_and_grad and multi_steps")
+      return grads.partials
+    mesh = self.mesh()
+    manual = self.manual(mesh)
+    specs = self._only(self.specs(grads, mesh), manual)
+    placed = jax.shard_map(lambda g: jax.tree.map(self._placed, g, specs), mesh=mesh,
+                           in_specs=(specs,), out_specs=self._rows(grads, specs),
+                           axis_names=manual)(grads)
+    return jax.tree.map(lambda p, a: p.astype(a.dtype), placed, acc)
+
+  def manual(self, mesh: Any) -> frozenset:
+    """The axes the ``shard_map`` s are manual over: the data axes, and on
+    Explicit axes the others too (a ``shard_map`` leaving an Explicit axis
+    automatic gathers the arrays sharded over it); all the work is local to
+    them."""
+    if not self.explicit(mesh):
+      return frozenset(self.axes)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
+
+  def _only(self, specs: PyTree, manual: frozenset) -> PyTree:
+    return jax.tree.map(lambda s: _sharded.only(s, tuple(manual)), specs, is_leaf=_is_spec)
+
+  def _rows(self, tree: PyTree, specs: PyTree) -> PyTree:
+    """The accumulator's specs over the manual axes, for ``tree``'s leaves of ``specs``."""
+    return jax.tree.map(lambda x, s: self.partial_spec(s, jnp.ndim(x)), tree, specs)
+
+  def _placed(self, block: jax.Array, spec: P) -> jax.Array:
+    """This device's block of a reduced gradient at its place in a zero row,
+    on one device per block (index 0 along the data axes it is not split over)."""
+    entries = tuple(spec) + (None,) * (block.ndim - len(spec))
+    full, offsets = [], []
+    for n, names in zip(block.shape, map(self._data_names, entries)):
+      full.append(n * math.prod(lax.axis_size(a) for a in names))
+      offsets.append(lax.axis_index(_entry(names)) * n if names else jnp.zeros([], jnp.int32))
+    row = lax.dynamic_update_slice(jnp.zeros(full, block.dtype), block, offsets)
+    for a in self.axes:
+      if a not in _sharded.sharded_over(spec, self.axes):
+        row = jnp.where(lax.axis_index(a) == 0, row, jnp.zeros_like(row))
+    return _sharded.to_varying(row, self.axes)[None]
+
+  def reduce(self, acc: PyTree, params: PyTree | None) -> PyTree:
+    """The sum of the rows, in the parameters' sharding over the data axes
+    (replicated over them where it is not known: no ``params`` on Explicit
+    axes, no ``param_specs`` on Auto axes)."""
+    mesh = self.mesh()
+    manual = self.manual(mesh)
+    if params is None and self.explicit(mesh):
+      # The parameters' non-data sharding is the accumulator's.
+      specs = jax.tree.map(lambda a: P(*_sharded.spec_of(a)[1:]), acc)
+    else:
+      specs = self.specs(acc if params is None else params, mesh)
+    specs = self._only(specs, manual)
+    in_specs = jax.tree.map(lambda a, s: self.partial_spec(s, a.ndim - 1), acc, specs)
+
+    def body(acc):
+      return jax.tree.map(lambda a, s: self._reduce_rows(a[0], s), acc, specs)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(in_specs,), out_specs=specs,
+                         axis_names=manual)(acc)
+
+  def _data_names(self, entry: Any) -> tuple:
+    return tuple(a for a in _names(entry) if a in self.axes)
+
+  def _reduce_rows(self, row: jax.Array, spec: P) -> jax.Array:
+    for dim, entry in enumerate(spec):
+      for axis in self._data_names(entry):
+        row = lax.psum_scatter(row, axis, scatter_dimension=dim, tiled=True)
+    rest = tuple(a for a in self.axes if a not in _sharded.sharded_over(spec, self.axes))
+    return lax.psum(row, rest) if rest else row
+
+
+def _names(entry: Any) -> tuple:
+  if entry is None or entry is P.UNCONSTRAINED:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
+  """The validated ``data_axis`` options of ``multi_steps`` (``None`` without it)."""
+  axes = _options.axes_of("data_axis", data_axis)
+  if axes and axis_name is not None:
+    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}; "
+                     "axis_name inside pmap / shard_map, data_axis under plain jit")
+  if not axes:
+    for name, value in (("mesh", mesh), ("param_specs", param_specs)):
+      if value is not None:
+        raise ValueError(f"multi_steps({name}=...) is only used with data_axis=; "
+                         "pass data_axis= too")
+    return None
+  if mesh is not None and not hasattr(mesh, "axis_names"):
+    raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
+                    "for the mesh of jax.set_mesh)")
+  if not all(_is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_is_spec)):
+    raise TypeError(f"multi_steps(param_specs={param_specs!r}) must be a PartitionSpec or "
+                    "a pytree of them (a prefix of the parameters), e.g. "
+                    "{'w': P('data', None), 'b': P()}")
+  return DataCycle(axes, mesh, param_specs)
