@@ -24,8 +24,9 @@ Modules, one concept each, in the order one call of
   ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
   memory, noise-scale statistics.
 
-``jaxaccum.nnx`` (Flax NNX adapters) and ``jaxaccum.linen`` (Flax Linen
-adapters) are imported on first use, so the core never imports flax: flax is
+``jaxaccum.nnx`` (Flax NNX adapters, over ``_nnx_args``: NNX objects among
+the arguments) and ``jaxaccum.linen`` (Flax Linen adapters) are imported on
+first use, so the core never imports flax: flax is
 an optional dependency (``pip install 'jaxaccum[flax]'``).
 """
 
