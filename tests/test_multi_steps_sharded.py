@@ -411,6 +411,49 @@ def test_flax_nnx_optimizer_recipe():
   assert_rel_close(got, params)
 
 
+def test_flax_nnx_deferred_gradients_recipe():
+  # jaxaccum.nnx(defer_reduction=True) gradients go to multi_steps directly
+  # (nnx.Optimizer filters gradients as an nnx.State and cannot take them).
+  from flax import nnx
+
+  mesh = _mesh("DDP", "Explicit")
+  _, batch = _problem()
+  calls = _calls(batch)
+
+  def loss_fn(model, x, y):
+    return 20.0 * jnp.mean((model(x) - y) ** 2)
+
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(W1[0], W2[1], rngs=nnx.Rngs(1))
+    host_params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ms = jaxaccum.multi_steps(_inner(), K, data_axis="data")
+    opt_state = ms.init(nnx.state(model, nnx.Param))
+    grad_fn = jaxaccum.nnx.value_and_grad(loss_fn, num_microbatches=2, batch_argnums=(1, 2),
+                                          data_axis="data", defer_reduction=True)
+
+    @nnx.jit
+    def step(model, opt_state, x, y):
+      _, grads = grad_fn(model, x, y)
+      assert isinstance(grads, jaxaccum.DeferredGrads)
+      params = nnx.state(model, nnx.Param)
+      updates, opt_state = ms.update(grads, opt_state, params)
+      nnx.update(model, optax.apply_updates(params, updates))
+      return opt_state
+
+    for x, y in calls:
+      opt_state = step(model, opt_state, *jax.device_put((x, y), NamedSharding(mesh, P("data"))))
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  apply = lambda p, x: x @ p["kernel"] + p["bias"]  # noqa: E731
+  inner, params = _inner(), host_params
+  inner_state = inner.init(params)
+  for c in range(CYCLES):
+    rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
+    grads = jax.grad(_dense_loss(apply))(params, rows)
+    updates, inner_state = inner.update(grads, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  assert_rel_close(got, params)
+
+
 def test_resume_from_a_mid_cycle_optax_multisteps_state():
   # state_from_optax places optax.MultiSteps' running sum in the rows of the
   # data_axis accumulator (FSDP parameters, Explicit axes); the cycle goes on
