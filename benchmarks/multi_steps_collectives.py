@@ -31,17 +31,11 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxaccum  # noqa: E402
+from benchmarks.sharded_layouts import LAYOUTS  # noqa: E402
 
 K = 4  # calls per cycle
 N = 2  # micro-batches per call
 BATCH = 64  # rows per call
-LAYOUTS = {
-    "DDP": ((8,), ("data",), "data", {"w1": P(), "w2": P()}),
-    "FSDP": ((8,), ("data",), "data", {"w1": P("data", None), "w2": P("data", None)}),
-    "TP": ((4, 2), ("data", "model"), "data", {"w1": P(None, "model"), "w2": P("model", None)}),
-    "HSDP": ((2, 4), ("replica", "shard"), ("replica", "shard"),
-             {"w1": P("shard", None), "w2": P("shard", None)}),
-}
 KINDS = {"all_reduce": "AR", "reduce_scatter": "RS", "all_gather": "AG",
          "all_to_all": "A2A", "collective_permute": "CP"}
 

@@ -8,6 +8,7 @@ rather than a plausible wrong number.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -58,6 +59,17 @@ def accumulator_for(accumulator_dtype: Any, dtype: Any) -> jnp.dtype:
   if jnp.issubdtype(dtype, jnp.complexfloating):
     return dtype if dtype.itemsize >= 2 * acc.itemsize else jnp.dtype(jnp.complex128)
   return dtype if dtype.itemsize >= acc.itemsize else acc
+
+
+def check_static_weight(weight: Any) -> None:
+  """A static ``weight`` (a Python or NumPy number) that is NaN or negative is
+  a ValueError; a traced one is left to :func:`checked_weight` (NaN)."""
+  if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
+      weight, (bool, np.bool_)):
+    value = np.asarray(weight, np.float64)
+    if value.shape == () and not value >= 0:
+      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
+                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
 
 
 def checked_weight(w: jax.typing.ArrayLike, what: str) -> jax.Array:

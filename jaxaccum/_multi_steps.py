@@ -438,11 +438,6 @@ def _incoming(cfg: _Config, updates: Any, acc_grads: Any) -> Any:
 def _checked_weight(weight: Any) -> jax.Array:
   """``weight`` as float32; a static NaN or negative one is an error, a traced
   one becomes NaN (see ``multi_steps``)."""
-  if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
-      weight, (bool, np.bool_)):
-    value = np.asarray(weight, np.float64)
-    if value.shape == () and not value >= 0:
-      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
-                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
+  _dtypes.check_static_weight(weight)
   return _dtypes.checked_weight(weight, "weight").astype(jnp.float32)
 

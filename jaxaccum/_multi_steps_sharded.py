@@ -39,10 +39,6 @@ PyTree = Any
 Axes = tuple[Hashable, ...]
 
 
-def _entry(axes: Axes) -> Any:
-  return axes if len(axes) > 1 else axes[0]
-
-
 def _is_spec(x: Any) -> bool:
   return isinstance(x, P)
 
@@ -67,7 +63,7 @@ class DataCycle:
     missing = [a for a in self.axes if a not in mesh.axis_names]
     if missing:
       raise ValueError(
-          f"multi_steps(data_axis={_entry(self.axes)!r}) names axes {missing} that "
+          f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}) names axes {missing} that "
           f"the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); pass "
           "mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
     return mesh
@@ -96,7 +92,7 @@ class DataCycle:
   def partial_spec(self, spec: P, ndim: int) -> P:
     """The accumulator's spec for a parameter of ``spec``: data axes on a new
     leading dimension, the parameter's other axes kept."""
-    return P(_entry(self.axes), *_sharded.without(spec, self.axes, ndim))
+    return P(_sharded.axis_spec(self.axes), *_sharded.without(spec, self.axes, ndim))
 
   def place(self, x: jax.Array, mesh: Any, spec: P) -> jax.Array:
     """``x`` (inside or outside ``jit``) with sharding ``spec`` on ``mesh``."""
@@ -119,7 +115,7 @@ class DataCycle:
       if tuple(grads.axes) != self.axes:
         raise ValueError(
             f"gradients deferred over axes {tuple(grads.axes)} given to "
-            f"multi_steps(data_axis={_entry(self.axes)!r}); pass the same data_axis "
+            f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}); pass the same data_axis "
             "to value_and_grad and multi_steps")
       got = [jnp.shape(g) for g in jax.tree.leaves(grads.partials)]
       want = [a.shape for a in jax.tree.leaves(acc)]
@@ -127,7 +123,7 @@ class DataCycle:
         raise ValueError(
             f"DeferredGrads of shapes {got} given to a multi_steps whose accumulator has "
             f"shapes {want} (one row per device along data_axis="
-            f"{_entry(self.axes)!r}); use the same mesh for value_and_grad and multi_steps")
+            f"{_sharded.axis_spec(self.axes)!r}); use the same mesh for value_and_grad and multi_steps")
       return grads.partials
     mesh = self.mesh()
     manual = self.manual(mesh)
@@ -161,7 +157,7 @@ class DataCycle:
     full, offsets = [], []
     for n, names in zip(block.shape, map(self._data_names, entries)):
       full.append(n * math.prod(lax.axis_size(a) for a in names))
-      offsets.append(lax.axis_index(_entry(names)) * n if names else jnp.zeros([], jnp.int32))
+      offsets.append(lax.axis_index(_sharded.axis_spec(names)) * n if names else jnp.zeros([], jnp.int32))
     row = lax.dynamic_update_slice(jnp.zeros(full, block.dtype), block, offsets)
     for a in self.axes:
       if a not in _sharded.sharded_over(spec, self.axes):

@@ -28,16 +28,14 @@ Example:
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxaccum import _compat
+from jaxaccum import _compat, _dtypes
 from jaxaccum._accumulate import value_and_grad as _value_and_grad
 from jaxaccum._deferred import DeferredGrads
 from jaxaccum._multi_steps_state import MultiStepsState, has_updated
@@ -67,17 +65,6 @@ def _multi_steps_state(opt_state: Any) -> MultiStepsState | None:
     if _is_multi_steps_state(node):
       return node
   return None
-
-
-def _check_weight(weight: Any) -> None:
-  """A static weight (a Python or NumPy number) that is NaN or negative is an
-  error here, before anything changes; a traced one makes the cycle NaN."""
-  if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
-      weight, (bool, np.bool_)):
-    value = np.asarray(weight, np.float64)
-    if value.shape == () and not value >= 0:
-      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
-                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
 
 
 def _tx_update(state: train_state.TrainState, grads: Any, weight: Any) -> tuple[Any, Any]:
@@ -138,7 +125,7 @@ class TrainState(train_state.TrainState):
         traced one makes the cycle's update NaN, as in
         :func:`jaxaccum.multi_steps`).
     """
-    _check_weight(weight)
+    _dtypes.check_static_weight(weight)
     if isinstance(grads, DeferredGrads):
       # Flax's apply_gradients looks for a key in ``grads``; these go to
       # ``tx`` (a ``multi_steps(data_axis=...)``) as they are.
@@ -396,7 +383,7 @@ def apply_scaled_gradients(
     (Array([0., 0.], dtype=float32), False, 32768.0)
   """
   _check_dynamic_scale(dynamic_scale)
-  _check_weight(weight)
+  _dtypes.check_static_weight(weight)
   updates, opt_state = _tx_update(state, grads, weight)
   ms_state = _multi_steps_state(opt_state)
   decided = jnp.array(True) if ms_state is None else has_updated(ms_state)

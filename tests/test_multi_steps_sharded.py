@@ -373,6 +373,20 @@ def test_flax_linen_train_state_recipe(axis_type):
   assert_rel_close(state.params, params)
 
 
+def _dense_reference(params, calls):
+  """An ``nnx.Linear``'s parameters after the inner optimizer ran once per cycle
+  on the full batch of the cycle's calls, on one device."""
+  apply = lambda p, x: x @ p["kernel"] + p["bias"]  # noqa: E731
+  inner = _inner()
+  inner_state = inner.init(params)
+  for c in range(CYCLES):
+    rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
+    grads = jax.grad(_dense_loss(apply))(params, rows)
+    updates, inner_state = inner.update(grads, inner_state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
 def test_flax_nnx_optimizer_recipe():
   # nnx.Optimizer(model, multi_steps(data_axis=)) under nnx.jit: the
   # accumulator is built in the partial-sums form, ordinary gradients are
@@ -400,15 +414,7 @@ def test_flax_nnx_optimizer_recipe():
     for call in calls:
       step(model, optimizer, jax.device_put(call, NamedSharding(mesh, P("data"))))
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  apply = lambda p, x: x @ p["kernel"] + p["bias"]  # noqa: E731
-  inner, params = _inner(), host_params
-  inner_state = inner.init(params)
-  for c in range(CYCLES):
-    rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
-    grads = jax.grad(_dense_loss(apply))(params, rows)
-    updates, inner_state = inner.update(grads, inner_state, params)
-    params = optax.apply_updates(params, updates)
-  assert_rel_close(got, params)
+  assert_rel_close(got, _dense_reference(host_params, calls))
 
 
 def test_flax_nnx_deferred_gradients_recipe():
@@ -443,15 +449,7 @@ def test_flax_nnx_deferred_gradients_recipe():
     for x, y in calls:
       opt_state = step(model, opt_state, *jax.device_put((x, y), NamedSharding(mesh, P("data"))))
     got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  apply = lambda p, x: x @ p["kernel"] + p["bias"]  # noqa: E731
-  inner, params = _inner(), host_params
-  inner_state = inner.init(params)
-  for c in range(CYCLES):
-    rows = jax.tree.map(lambda *a: jnp.concatenate(a), *calls[c * K:(c + 1) * K])
-    grads = jax.grad(_dense_loss(apply))(params, rows)
-    updates, inner_state = inner.update(grads, inner_state, params)
-    params = optax.apply_updates(params, updates)
-  assert_rel_close(got, params)
+  assert_rel_close(got, _dense_reference(host_params, calls))
 
 
 def test_resume_from_a_mid_cycle_optax_multisteps_state():
