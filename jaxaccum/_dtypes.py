@@ -62,14 +62,16 @@ def accumulator_for(accumulator_dtype: Any, dtype: Any) -> jnp.dtype:
 
 
 def check_static_weight(weight: Any) -> None:
-  """A static ``weight`` (a Python or NumPy number) that is NaN or negative is
-  a ValueError; a traced one is left to :func:`checked_weight` (NaN)."""
+  """A static ``weight`` (a Python or NumPy number) that is NaN, infinite or
+  negative is a ValueError; a traced one is left to :func:`checked_weight`
+  (the cycle becomes NaN)."""
   if isinstance(weight, (numbers.Real, np.ndarray, np.generic)) and not isinstance(
       weight, (bool, np.bool_)):
     value = np.asarray(weight, np.float64)
-    if value.shape == () and not value >= 0:
-      raise ValueError(f"weight={weight!r} must be a number >= 0 (a NaN or negative "
-                       "weight has no weighted mean); pass weight=0.0 to leave a call out")
+    if value.shape == () and not (np.isfinite(value) and value >= 0):
+      raise ValueError(f"weight={weight!r} must be a number >= 0 and finite (a NaN, "
+                       "infinite or negative weight has no weighted mean); pass "
+                       "weight=0.0 to leave a call out")
 
 
 def checked_weight(w: jax.typing.ArrayLike, what: str) -> jax.Array:

@@ -128,8 +128,10 @@ def _missing_batch(options: Options, missing: list, args: tuple, kwargs: dict) -
 
 
 def _num_microbatches(options: Options, size: int) -> int:
+  axes = options.in_axes
   where = (f"the batch arguments (batch_argnums={options.batch_argnums}, "
-           f"batch_argnames={options.batch_argnames})")
+           f"batch_argnames={options.batch_argnames}) along their batch axis "
+           f"(in_axes={axes[0] if len(set(axes)) == 1 else axes})")
   if size == 0:
     raise ValueError(f"{where} have leading size 0: there are no rows to split")
   if options.microbatch_size is not None:
@@ -179,7 +181,10 @@ def batch_size(batch: Batch, axes: tuple[int, ...]) -> int:
       raise TypeError(f"batch leaf {where} is a {type(leaf).__name__}, not an array; "
                       "pass jax or numpy arrays with a batch axis")
     if leaf.ndim == 0:
-      raise ValueError(f"batch leaf {where} is a scalar; it needs a leading batch axis")
+      raise ValueError(
+          f"batch leaf {where} is a scalar; it needs a leading batch axis. If this "
+          "argument is not the batch, name the batch with batch_argnums= or "
+          "batch_argnames= (and PRNG keys with rng_argnums=)")
     if not -leaf.ndim <= axis < leaf.ndim:
       raise ValueError(f"batch leaf {where} of shape {leaf.shape} has no axis {axis}; "
                        "it needs a batch axis there (see in_axes=)")

@@ -62,10 +62,11 @@ class DataCycle:
     mesh = jax.sharding.get_abstract_mesh() if self._mesh is None else self._mesh
     missing = [a for a in self.axes if a not in mesh.axis_names]
     if missing:
+      fix = ("use the mesh's axis names in data_axis=" if self._mesh is not None else
+             "pass mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
       raise ValueError(
-          f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}) names axes {missing} that "
-          f"the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); pass "
-          "mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
+          f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}) names axes {missing} "
+          f"that the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); {fix}")
     return mesh
 
   def num_devices(self, mesh: Any) -> int:

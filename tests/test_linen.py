@@ -130,7 +130,7 @@ def test_optimizer_step_counts_cycles():
   assert state.tx is tx
 
 
-BAD_WEIGHTS = [float("nan"), -1.0, -2, np.float32(-0.5), np.array(float("nan"))]
+BAD_WEIGHTS = [float("nan"), -1.0, -2, np.float32(-0.5), np.array(float("nan")), float("inf")]
 
 
 @pytest.mark.parametrize("weight", BAD_WEIGHTS, ids=repr)

@@ -495,7 +495,8 @@ def test_weight_it_cannot_honour_gives_nan_updates(bad, use_grad_mean):
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), -0.5, np.float32(np.nan), np.array(-1.0)])
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, np.float32(np.nan), np.array(-1.0),
+                                 float("inf")])
 def test_static_weight_it_cannot_honour_is_an_error(bad):
   # A Python or numpy weight is known when tracing: an error, not NaN updates.
   opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
