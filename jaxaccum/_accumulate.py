@@ -287,7 +287,6 @@ def _checked(fun: Callable[..., Any], options: Options) -> Callable[..., Any]:
   return checked
 
 
-
 def _traced(tree: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 

@@ -19,10 +19,14 @@ import jax
 class DeferredGrads:
   """Per-device partial sums of gradients, not yet reduced over ``axes``.
 
-  A pytree, so it passes through ``jax.jit``; its type keeps it from being
-  mistaken for ordinary gradients: ``optax.apply_updates`` or an optax
-  transformation other than :func:`jaxaccum.multi_steps` given one fails on
-  its structure instead of computing from partial sums.
+  A pytree, so it passes through ``jax.jit``. Its structure is not the
+  parameters', so ``optax.apply_updates`` (and ``optax.MultiSteps``, or a
+  ``multi_steps`` without ``data_axis``) given one fails rather than apply
+  partial sums. An optax transformation that maps over leaves does not notice
+  it: one that takes a global norm (``clip_by_global_norm``) placed before
+  ``multi_steps`` in an ``optax.chain`` would take the norm of the partial
+  sums. Put such transformations in ``multi_steps``' inner optimizer, which
+  sees the reduced gradient.
 
   Attributes:
     partials: a pytree of the parameters' structure; each leaf has shape

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
@@ -182,23 +183,21 @@ def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers
   sums["grads"] = grads
   devices = strategy.num_devices()
   n = plan.n if real is None else real
-  totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1,
-                            _valid_real(real, plan.n))
+  totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1)
   done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
   summed = done.get("aux", {})
   aux = [summed[i] if i in summed else concat[i] if i in concat
          else _device_mean(stacked[i], devices) for i in range(len(kinds))]
   states = _states(options, seq_states, done.get("mean_states", {}), devices)
   stats = _make_stats(totals, n, rows) if options.with_stats else None
-  return Outputs(done["value"], jax.tree.structure(like.aux).unflatten(aux), states,
-                 strategy.result(done["grads"]), stats)
-
-
-def _valid_real(real: Any, n: int) -> jax.Array | None:
-  """Whether a traced ``num_real_microbatches`` is one the loop can honour."""
+  outputs = Outputs(done["value"], jax.tree.structure(like.aux).unflatten(aux), states,
+                    strategy.result(done["grads"]), stats)
   if real is None or isinstance(real, int):
-    return None
-  return jnp.logical_and(real >= 1, real <= n)
+    return outputs
+  # A traced count the loop cannot honour leaves no plausible number behind.
+  valid = jnp.logical_and(real >= 1, real <= plan.n)
+  return jax.tree.map(lambda x: jnp.where(valid, x, jnp.full_like(x, np.nan))
+                      if _dtypes.is_float(x) else x, outputs)
 
 
 def _device_mean(x: jax.Array, devices: int) -> jax.Array:

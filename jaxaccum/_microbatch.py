@@ -90,6 +90,12 @@ def plan(options: Options, binding: Binding, args: tuple, kwargs: dict,
              if key is None or not (key < len(args) if where == "arg" else key in kwargs)]
   if missing:
     raise ValueError(_missing_batch(options, missing, args, kwargs))
+  taken = [k for w, k in located if w == "arg" and k in options.positions]
+  if taken:
+    raise ValueError(
+        f"batch_argnums={options.batch_argnums}, batch_argnames={options.batch_argnames} "
+        f"name position(s) {taken} of fun's signature, which {options.describe_positions()} "
+        "name too; each argument plays one role")
   if len(set(located)) != len(located):
     raise ValueError(
         f"batch_argnums={options.batch_argnums} and batch_argnames="

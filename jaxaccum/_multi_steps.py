@@ -90,7 +90,7 @@ def multi_steps(
   global norms stay global.
 
   A value that cannot be honoured is an error where it is static (a Python or
-  numpy ``weight`` that is NaN or negative is a ``ValueError``) and NaN where
+  numpy ``weight`` that is NaN, infinite or negative is a ``ValueError``) and NaN where
   it is traced: a traced ``weight`` that is NaN or negative, or a traced
   ``every_k_schedule`` result below 1, makes the cycle's gradient (hence its
   updates) NaN; ``should_skip_update_fn=optax.skip_not_finite`` cannot catch
@@ -142,7 +142,7 @@ def multi_steps(
       ``accumulator_dtype``, both ``axis_name`` and ``data_axis``, ``mesh`` or
       ``param_specs`` without ``data_axis``, a ``data_axis`` the mesh lacks,
       gradients deferred over other axes than ``data_axis``; a static
-      ``weight`` that is NaN or negative (at ``update``).
+      ``weight`` that is NaN, infinite or negative (at ``update``).
 
   Example:
 
@@ -436,7 +436,7 @@ def _incoming(cfg: _Config, updates: Any, acc_grads: Any) -> Any:
 
 
 def _checked_weight(weight: Any) -> jax.Array:
-  """``weight`` as float32; a static NaN or negative one is an error, a traced
+  """``weight`` as float32; a static NaN, infinite or negative one is an error, a traced
   one becomes NaN (see ``multi_steps``)."""
   _dtypes.check_static_weight(weight)
   return _dtypes.checked_weight(weight, "weight").astype(jnp.float32)

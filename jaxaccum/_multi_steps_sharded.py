@@ -39,10 +39,6 @@ PyTree = Any
 Axes = tuple[Hashable, ...]
 
 
-def _is_spec(x: Any) -> bool:
-  return isinstance(x, P)
-
-
 class DataCycle:
   """The data axes of one ``multi_steps``, its mesh and parameter specs.
 
@@ -84,7 +80,7 @@ class DataCycle:
       return jax.tree.map(lambda _: P(), tree)
     try:
       return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub),
-                          self.param_specs, tree, is_leaf=_is_spec)
+                          self.param_specs, tree, is_leaf=_sharded.is_spec)
     except ValueError as e:
       raise ValueError(
           f"multi_steps(param_specs={self.param_specs!r}) must be a pytree prefix "
@@ -124,7 +120,8 @@ class DataCycle:
         raise ValueError(
             f"DeferredGrads of shapes {got} given to a multi_steps whose accumulator has "
             f"shapes {want} (one row per device along data_axis="
-            f"{_sharded.axis_spec(self.axes)!r}); use the same mesh for value_and_grad and multi_steps")
+            f"{_sharded.axis_spec(self.axes)!r}); use the same mesh for value_and_grad "
+            "and multi_steps")
       return grads.partials
     mesh = self.mesh()
     manual = self.manual(mesh)
@@ -145,7 +142,7 @@ class DataCycle:
     return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
 
   def _only(self, specs: PyTree, manual: frozenset) -> PyTree:
-    return jax.tree.map(lambda s: _sharded.only(s, tuple(manual)), specs, is_leaf=_is_spec)
+    return jax.tree.map(lambda s: _sharded.only(s, tuple(manual)), specs, is_leaf=_sharded.is_spec)
 
   def _rows(self, tree: PyTree, specs: PyTree) -> PyTree:
     """The accumulator's specs over the manual axes, for ``tree``'s leaves of ``specs``."""
@@ -158,7 +155,8 @@ class DataCycle:
     full, offsets = [], []
     for n, names in zip(block.shape, map(self._data_names, entries)):
       full.append(n * math.prod(lax.axis_size(a) for a in names))
-      offsets.append(lax.axis_index(_sharded.axis_spec(names)) * n if names else jnp.zeros([], jnp.int32))
+      offsets.append(lax.axis_index(_sharded.axis_spec(names)) * n if names
+                     else jnp.zeros([], jnp.int32))
     row = lax.dynamic_update_slice(jnp.zeros(full, block.dtype), block, offsets)
     for a in self.axes:
       if a not in _sharded.sharded_over(spec, self.axes):
@@ -186,7 +184,7 @@ class DataCycle:
                          axis_names=manual)(acc)
 
   def _data_names(self, entry: Any) -> tuple:
-    return tuple(a for a in _names(entry) if a in self.axes)
+    return tuple(a for a in _sharded.entry_axes(entry) if a in self.axes)
 
   def _reduce_rows(self, row: jax.Array, spec: P) -> jax.Array:
     for dim, entry in enumerate(spec):
@@ -194,12 +192,6 @@ class DataCycle:
         row = lax.psum_scatter(row, axis, scatter_dimension=dim, tiled=True)
     rest = tuple(a for a in self.axes if a not in _sharded.sharded_over(spec, self.axes))
     return lax.psum(row, rest) if rest else row
-
-
-def _names(entry: Any) -> tuple:
-  if entry is None or entry is P.UNCONSTRAINED:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
@@ -217,7 +209,7 @@ def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> D
   if mesh is not None and not hasattr(mesh, "axis_names"):
     raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
                     "for the mesh of jax.set_mesh)")
-  if not all(_is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_is_spec)):
+  if not all(_sharded.is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_sharded.is_spec)):
     raise TypeError(f"multi_steps(param_specs={param_specs!r}) must be a PartitionSpec or "
                     "a pytree of them (a prefix of the parameters), e.g. "
                     "{'w': P('data', None), 'b': P()}")

@@ -200,6 +200,10 @@ class Options:
     axis_t, data_t = axes_of("axis_name", axis_name), axes_of("data_axis", data_axis)
     gather = _choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
     _check_axes(axis_t, data_t, mesh=mesh, fsdp_gather=gather, defer_reduction=defer_reduction)
+    if defer_reduction and with_stats:
+      raise ValueError(
+          "defer_reduction=True leaves the gradients unreduced, but with_stats=True "
+          "needs their reduced norms; drop one of them")
     if defer_reduction and gather == "per_microbatch":
       raise ValueError(
           f"defer_reduction=True keeps each device's unreduced gradient sums, but "
@@ -283,12 +287,13 @@ def _real_microbatches(value: Any, num_microbatches: Any) -> Any:
   """``num_real_microbatches``: a static int in ``1..N`` or a traced integer scalar."""
   if value is None:
     return None
-  if isinstance(value, jax.core.Tracer) or (
-      isinstance(value, jax.Array) and not isinstance(value, (bool, np.bool_))):
+  if isinstance(value, jax.Array):
     if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
       raise TypeError("num_real_microbatches must be an integer scalar, got "
                       f"{jax.typeof(value)}")
-    return value
+    if isinstance(value, jax.core.Tracer):
+      return value
+    value = int(value)  # concrete: checked now, like a Python int
   n = positive("num_real_microbatches", value)
   if num_microbatches is not None and n > num_microbatches:
     raise ValueError(f"num_real_microbatches={n} exceeds {num_microbatches=}; "

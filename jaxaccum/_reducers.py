@@ -30,13 +30,12 @@ class Totals(NamedTuple):
 
   Attributes:
     sums: every reducer's reduced sum, by name.
-    count: micro-batches over all devices, ``N * D``.
+    count: micro-batches summed over all devices, ``N * D`` (``n * D`` with
+      ``num_real_microbatches=n``).
     devices: devices whose sums were added, ``D``.
     like: the first micro-batch's :class:`Micro` (its shapes and dtypes;
       with ``count == 1`` its actual values).
     single: whether there was one micro-batch on one device.
-    valid: ``False`` where a traced ``num_real_microbatches`` is out of range
-      (the results are then NaN); ``None`` when nothing is traced.
   """
 
   sums: dict[str, Any]
@@ -44,7 +43,6 @@ class Totals(NamedTuple):
   devices: int
   like: Micro
   single: bool
-  valid: jax.Array | None = None
 
   def mean(self, total: jax.Array) -> jax.Array:
     """``total`` over the weights' sum (else ``N * D``); zero for zero weight."""
@@ -64,10 +62,7 @@ class Totals(NamedTuple):
                      jnp.where(w != 0, x, jnp.zeros_like(x)))
 
   def nan_if_all_skipped(self, x: jax.Array) -> jax.Array:
-    """NaN where ``skip_nonfinite`` left out every weighted micro-batch, or
-    where ``valid`` is false."""
-    if self.valid is not None:
-      x = jnp.where(self.valid, x, jnp.full_like(x, np.nan))
+    """NaN where ``skip_nonfinite`` left out every weighted micro-batch."""
     counts = self.sums.get("counts")
     if "weight" not in self.sums or counts is None or "skipped" not in counts:
       return x

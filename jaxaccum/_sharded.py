@@ -52,11 +52,12 @@ def axis_spec(axes: Axes) -> Hashable | Axes:
   return axes if len(axes) > 1 else axes[0]
 
 
-def _is_spec(x: Any) -> bool:
+def is_spec(x: Any) -> bool:
+  """Whether ``x`` is a ``PartitionSpec`` (a leaf of a specs pytree)."""
   return isinstance(x, P)
 
 
-def _names(entry) -> tuple:
+def entry_axes(entry: Any) -> tuple:
   """Mesh axis names of one entry of a ``PartitionSpec``."""
   if entry is None or entry is P.UNCONSTRAINED:
     return ()
@@ -69,20 +70,20 @@ def _entry(names: tuple) -> Any:
 
 def sharded_over(spec: P, axes: Axes) -> frozenset:
   """The axes of ``axes`` that ``spec`` shards an array dimension over."""
-  return frozenset(a for entry in spec for a in _names(entry) if a in axes)
+  return frozenset(a for entry in spec for a in entry_axes(entry) if a in axes)
 
 
 def without(spec: P, axes: Axes, ndim: int, **types) -> P:
   """``spec`` with ``axes`` removed from its dimensions, padded to ``ndim``;
   ``types`` (``reduced=`` / ``unreduced=``) replace its reduced / unreduced sets."""
-  entries = [_entry(tuple(a for a in _names(e) if a not in axes))
+  entries = [_entry(tuple(a for a in entry_axes(e) if a not in axes))
              for e in tuple(spec) + (None,) * (ndim - len(spec))]
   return P(*entries, **{k: frozenset(v) for k, v in types.items() if v})
 
 
 def only(spec: P, axes: Axes) -> P:
   """``spec`` keeping only ``axes`` (the manual axes of a ``shard_map``)."""
-  entries = [_entry(tuple(a for a in _names(e) if a in axes)) for e in spec]
+  entries = [_entry(tuple(a for a in entry_axes(e) if a in axes)) for e in spec]
   while entries and entries[-1] is None:
     entries.pop()
   return P(*entries)
@@ -96,7 +97,7 @@ def spec_of(x: Any) -> P:
 
 
 def _map(fn: Callable[..., Any], tree: PyTree, specs: PyTree) -> PyTree:
-  return jax.tree.map(lambda s, x: fn(x, s), specs, tree, is_leaf=_is_spec)
+  return jax.tree.map(lambda s, x: fn(x, s), specs, tree, is_leaf=is_spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,19 +160,19 @@ def _specs(options: Any, diff: tuple, explicit: bool, mesh: Any) -> tuple:
   given = (options.param_specs,) if options.argnums_is_int else tuple(options.param_specs)
   try:
     specs = tuple(jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), g, d,
-                               is_leaf=_is_spec) for g, d in zip(given, diff, strict=True))
+                               is_leaf=is_spec) for g, d in zip(given, diff, strict=True))
   except ValueError as e:
     raise ValueError(
         f"param_specs={options.param_specs!r} must be a pytree prefix of the "
         f"differentiated arguments (argnums={options.argnums}) of structure "
         f"{jax.tree.structure(diff if not options.argnums_is_int else diff[0])}") from e
-  jax.tree.map(lambda s, x: _check_spec(s, x, mesh), specs, diff, is_leaf=_is_spec)
+  jax.tree.map(lambda s, x: _check_spec(s, x, mesh), specs, diff, is_leaf=is_spec)
   return specs
 
 
 def _check_spec(spec: P, x: Any, mesh: Any) -> None:
   """A ``param_specs`` entry must fit its parameter and name the mesh's axes."""
-  unknown = [a for entry in spec for a in _names(entry) if a not in mesh.axis_names]
+  unknown = [a for entry in spec for a in entry_axes(entry) if a not in mesh.axis_names]
   if unknown:
     raise ValueError(
         f"param_specs entry {spec} names mesh axes {unknown} that the mesh does not "
@@ -287,7 +288,7 @@ class ShardMapData(_Strategy):
 
   def __init__(self, mesh, axes: Axes, fsdp_gather: str, specs: tuple,
                argnums_is_int: bool, positions: dict, defer: bool = False):
-    specs = jax.tree.map(lambda s: only(s, axes), specs, is_leaf=_is_spec)
+    specs = jax.tree.map(lambda s: only(s, axes), specs, is_leaf=is_spec)
     super().__init__(axes, fsdp_gather, specs, argnums_is_int)
     self.mesh = mesh
     self.positions = positions
@@ -331,7 +332,7 @@ class ShardMapData(_Strategy):
 
   def _gather(self, x: jax.Array, spec: P) -> jax.Array:
     for dim, entry in enumerate(spec):
-      for axis in reversed(_names(entry)):
+      for axis in reversed(entry_axes(entry)):
         x = lax.all_gather(x, axis, axis=dim, tiled=True)
     return to_varying(x, self.axes)
 
@@ -345,7 +346,7 @@ class ShardMapData(_Strategy):
 
   def _scatter(self, g: jax.Array, spec: P) -> jax.Array:
     for dim, entry in enumerate(spec):
-      for axis in _names(entry):
+      for axis in entry_axes(entry):
         g = lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
     return g
 
@@ -416,12 +417,12 @@ def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:
     if only(have, axes) == spec:
       return x
     kept = without(have, axes, np.ndim(x))
-    merged = [_entry(_names(k) + _names(s)) for k, s in
+    merged = [_entry(entry_axes(k) + entry_axes(s)) for k, s in
               zip(tuple(kept), tuple(spec) + (None,) * (np.ndim(x) - len(spec)))]
     return jax.sharding.reshard(x, to(P(*merged)))
 
   return jax.tree.map(lambda spec, sub: jax.tree.map(lambda x: one(spec, x), sub),
-                      specs, tree, is_leaf=_is_spec)
+                      specs, tree, is_leaf=is_spec)
 
 
 def varying_axes(aval: Any) -> frozenset:

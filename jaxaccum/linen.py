@@ -121,7 +121,7 @@ class TrainState(train_state.TrainState):
       The new state, ``step`` incremented by one.
 
     Raises:
-      ValueError: a Python or NumPy ``weight`` that is NaN or negative (a
+      ValueError: a Python or NumPy ``weight`` that is NaN, infinite or negative (a
         traced one makes the cycle's update NaN, as in
         :func:`jaxaccum.multi_steps`).
     """
@@ -365,7 +365,7 @@ def apply_scaled_gradients(
     last call of a cycle that was not applied.
 
   Raises:
-    ValueError: a Python or NumPy ``weight`` that is NaN or negative, before
+    ValueError: a Python or NumPy ``weight`` that is NaN, infinite or negative, before
       the scale is touched (a traced one makes the cycle non-finite, which
       lowers the scale).
 

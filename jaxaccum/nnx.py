@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
-from jaxaccum import _accumulate, _compat, _parallel
+from jaxaccum import _accumulate, _compat, _parallel, _sharded
 from jaxaccum._deferred import DeferredGrads
 from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
 from jaxaccum._accumulate import Layout
@@ -263,6 +264,7 @@ class _Accumulated:
 
   def __call__(self, *args, **kwargs):
     spec = self.spec
+    args, kwargs = _bound(self.f, args, kwargs)
     positions = spec.options.batch_argnums + tuple(spec.diff)
     if positions and max(positions) >= len(args):
       raise ValueError(f"{spec.options.describe_positions()} must name positional "
@@ -271,7 +273,8 @@ class _Accumulated:
     diff = tuple(plain[i] for i in spec.diff)
     param_specs = spec.param_specs(diff)
     # The filters are the same for every call (and may be unhashable lists).
-    key = (arguments._replace(diff=()), tuple(jax.tree.leaves(param_specs, is_leaf=_is_spec)))
+    key = (arguments._replace(diff=()),
+           tuple(jax.tree.leaves(param_specs, is_leaf=_sharded.is_spec)))
     if key not in self.cores:
       self.cores[key] = self._core(arguments, spec.core_options(len(args), param_specs))
     others = tuple(None if i in spec.diff else a for i, a in enumerate(plain))
@@ -307,5 +310,12 @@ class _Accumulated:
     return _accumulate.build(pure, options)
 
 
-def _is_spec(x: Any) -> bool:
-  return isinstance(x, P)
+def _bound(f: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+  """Arguments passed by keyword moved to their positions where ``f``'s
+  signature allows, so a batch named by position may be passed by keyword,
+  as the core binds it (the core sees a wrapper of ``f``, not its signature)."""
+  try:
+    bound = inspect.signature(f).bind(*args, **kwargs)
+  except (TypeError, ValueError):
+    return args, kwargs
+  return bound.args, bound.kwargs

@@ -185,3 +185,42 @@ def test_data_axis_with_in_axes_and_traced_real_microbatches(axis_type):
       got = step(params, xs_s, y_s, jnp.int32(n))
       rows = np.arange(X.shape[0]) % 2 < n
       assert_rel_close(got, jax.value_and_grad(loss)(PARAMS, xs[:, rows], Y[rows]), 1e-5)
+
+
+@pytest.mark.parametrize("n", [0, N + 1])
+def test_traced_real_microbatches_out_of_range_leave_no_number(n):
+  def loss(params, x, y):
+    value = loss_xy(params, x, y)
+    return value, {"sum": value, "rows": jnp.sum(x, axis=1)}
+
+  @jax.jit
+  def step(params, x, y, n):
+    return jaxaccum.value_and_grad(
+        loss, num_microbatches=N, batch_argnums=(1, 2), has_aux=True, with_stats=True,
+        aux_reduction={"sum": "sum", "rows": "concat"}, num_real_microbatches=n)(params, x, y)
+
+  result = step(PARAMS, X, Y, jnp.int32(n))
+  floats = [x for x in jax.tree.leaves(result) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(np.isnan(x).all() for x in floats)
+
+
+def test_concrete_array_real_microbatches_is_checked_like_an_int():
+  with pytest.raises(ValueError, match="num_real_microbatches"):
+    jaxaccum.value_and_grad(loss_xy, num_microbatches=2, num_real_microbatches=jnp.int32(3))
+  with pytest.raises(ValueError, match="num_real_microbatches"):
+    jaxaccum.value_and_grad(loss_xy, num_microbatches=2, num_real_microbatches=jnp.int32(0))
+
+
+def test_batch_argnames_naming_the_differentiated_argument():
+  def loss(w, x):
+    return jnp.mean(w ** 2) * jnp.mean(x)
+
+  grad_fn = jaxaccum.value_and_grad(loss, num_microbatches=2, batch_argnames="w")
+  with pytest.raises(ValueError, match=r"argnums=0.*each argument plays one role"):
+    grad_fn(jnp.arange(8.0), jnp.ones(8))
+
+
+def test_defer_reduction_with_stats_is_an_error():
+  with pytest.raises(ValueError, match="defer_reduction.*with_stats"):
+    jaxaccum.value_and_grad(loss_xy, num_microbatches=2, data_axis="data",
+                            defer_reduction=True, with_stats=True)

@@ -617,3 +617,15 @@ def test_defer_reduction_returns_the_partial_sums(argnums):
   # The sum over the devices is the gradient the call returns without deferring.
   summed = jax.tree.map(lambda p: p.sum(0), nnx.to_pure_dict(partials))
   assert_rel_close((loss, summed), (ref_loss, nnx.to_pure_dict(ref_grads)))
+
+
+def test_batch_named_by_position_passed_by_keyword():
+  """As the core (and jax.jit's static_argnums), the batch is bound to the
+  loss's signature: ``batch_argnums=(1, 2)`` may be passed as ``x=``, ``y=``."""
+  x, y = data()
+  model = MLP(nnx.Rngs(0))
+  vg = jaxaccum.nnx.value_and_grad(lambda model, x, y: mse(model, x, y),
+                                   num_microbatches=N, batch_argnums=(1, 2))
+  want = nnx.value_and_grad(mse)(model, x, y)
+  assert_rel_close(vg(model, x, y=y), want, 1e-5)
+  assert_rel_close(vg(model, x=x, y=y), want, 1e-5)
