@@ -78,7 +78,8 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+  """``value``, checked to be one of the strings ``choices``."""
   if not isinstance(value, str):
     raise TypeError(f"{name} must be one of {choices}, got {name}={value!r}")
   if value not in choices:
@@ -108,7 +109,7 @@ def axes_of(name: str, value: Any) -> tuple[Hashable, ...]:
 def _aux_reduction(value: Any) -> Any:
   """A reduction name, or a pytree of them (a prefix of the aux)."""
   if isinstance(value, str):
-    return _choice("aux_reduction", value, AUX_REDUCTIONS)
+    return choice("aux_reduction", value, AUX_REDUCTIONS)
   leaves = jax.tree.leaves(value)
   if not leaves:
     raise ValueError(f"aux_reduction={value!r} holds no reduction; use one of {AUX_REDUCTIONS}")
@@ -198,7 +199,7 @@ class Options:
       if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {name}={value!r}")
     axis_t, data_t = axes_of("axis_name", axis_name), axes_of("data_axis", data_axis)
-    gather = _choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
+    gather = choice("fsdp_gather", fsdp_gather, FSDP_GATHER)
     _check_axes(axis_t, data_t, mesh=mesh, fsdp_gather=gather, defer_reduction=defer_reduction)
     if defer_reduction and with_stats:
       raise ValueError(
@@ -215,7 +216,7 @@ class Options:
         microbatch_size=positive("microbatch_size", microbatch_size),
         argnums=argnums_t, batch_argnums=batch_t, batch_argnames=names,
         has_aux=bool(has_aux), weight_fn=_callable("weight_fn", weight_fn),
-        reduction=_choice("reduction", reduction, REDUCTIONS),
+        reduction=choice("reduction", reduction, REDUCTIONS),
         aux_reduction=_aux_reduction(aux_reduction),
         accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
         rng_argnums=rng_t, axis_name=axis_t, data_axis=data_t, mesh=mesh,
@@ -330,8 +331,8 @@ def _state_policies(state_policy: Any, state_t: tuple[int, ...]) -> tuple[str, .
         f"{state_policy=} is given without state_argnums; name the state "
         "argument(s) with state_argnums=")
   if isinstance(state_policy, str):
-    return (_choice("state_policy", state_policy, STATE_POLICIES),) * len(state_t)
-  policies = tuple(_choice("state_policy", p, STATE_POLICIES) for p in state_policy)
+    return (choice("state_policy", state_policy, STATE_POLICIES),) * len(state_t)
+  policies = tuple(choice("state_policy", p, STATE_POLICIES) for p in state_policy)
   if len(policies) != len(state_t):
     raise ValueError(
         f"{state_policy=} must be one of {STATE_POLICIES}, or one of them per "

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _accumulate, _compat, _parallel, _sharded
 from jaxaccum._deferred import DeferredGrads
-from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple
+from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple, choice
 from jaxaccum._accumulate import Layout
 
 # Before flax is imported: without it, the error names the extra to install.
@@ -208,9 +208,7 @@ class _Spec(NamedTuple):
         diff[argnums_tuple("argnums", entry)[0]] = wrt
     if not diff or len(diff) != len(entries):
       raise ValueError(f"argnums must name distinct arguments, got {argnums=}")
-    if not isinstance(policy, str) or policy not in STATE_POLICIES:
-      raise (ValueError if isinstance(policy, str) else TypeError)(
-          f"state_policy={policy!r} must be one of {STATE_POLICIES}")
+    choice("state_policy", policy, STATE_POLICIES)
     public = {k: v for k, v in names.items()
               if k not in ("f", "argnums", "wrt", "state_policy")}
     # The user's positions first, so that a message names what the user gave.
