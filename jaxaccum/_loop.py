@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jaxaccum import _compat, _dtypes, _microbatch, _parallel, _reducers, _sharded, _stats
+from jaxaccum import _dtypes, _microbatch, _parallel, _reducers, _sharded, _stats
 from jaxaccum._microbatch import Micro, Plan
 from jaxaccum._options import Options
 
@@ -165,11 +165,8 @@ def _scan(contribution: Callable[[Micro], Any], strategy: _parallel.Strategy,
 def _like(tree: PyTree, shapes: PyTree) -> PyTree:
   """``tree`` cast device-varying where ``shapes`` are (inside a ``shard_map``
   over parameters the user made varying, the carry must be too)."""
-  def cast(x, s):
-    have = _sharded.varying_axes(jax.typeof(x))
-    missing = tuple(a for a in _sharded.varying_axes(s) if a not in have)
-    return _compat.pcast_to_varying(x, missing) if missing else x
-  return jax.tree.map(cast, tree, shapes)
+  return jax.tree.map(lambda x, s: _sharded.to_varying(x, tuple(_sharded.varying_axes(s))),
+                      tree, shapes)
 
 
 def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers: dict,

@@ -65,12 +65,8 @@ class DataCycle:
           f"that the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); {fix}")
     return mesh
 
-  def num_devices(self, mesh: Any) -> int:
-    return math.prod(dict(mesh.shape)[a] for a in self.axes)
-
   def explicit(self, mesh: Any) -> bool:
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    return all(types[a] == AxisType.Explicit for a in self.axes)
+    return _sharded.explicit_axes(mesh, self.axes)
 
   def specs(self, tree: PyTree, mesh: Any) -> PyTree:
     """Per leaf of ``tree`` (parameters or gradients), its ``PartitionSpec``."""
@@ -79,8 +75,7 @@ class DataCycle:
     if self.param_specs is None:
       return jax.tree.map(lambda _: P(), tree)
     try:
-      return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub),
-                          self.param_specs, tree, is_leaf=_sharded.is_spec)
+      return _sharded.prefix_specs(self.param_specs, tree)
     except ValueError as e:
       raise ValueError(
           f"multi_steps(param_specs={self.param_specs!r}) must be a pytree prefix "
@@ -100,7 +95,7 @@ class DataCycle:
   def zeros(self, params: PyTree, dtype_of: Any) -> PyTree:
     """The empty accumulator for ``params``."""
     mesh = self.mesh()
-    d = self.num_devices(mesh)
+    d = _sharded.data_devices(self.axes, mesh)
     return jax.tree.map(
         lambda p, s: self.place(jnp.zeros((d, *jnp.shape(p)), dtype_of(jnp.result_type(p))),
                                 mesh, self.partial_spec(s, jnp.ndim(p))),

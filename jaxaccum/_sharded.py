@@ -57,6 +57,19 @@ def is_spec(x: Any) -> bool:
   return isinstance(x, P)
 
 
+def explicit_axes(mesh: Any, axes: Axes) -> bool:
+  """Whether every one of ``axes`` is an Explicit axis of ``mesh``."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  return all(types[a] == jax.sharding.AxisType.Explicit for a in axes)
+
+
+def prefix_specs(prefix: Any, tree: PyTree) -> PyTree:
+  """Per leaf of ``tree``, the ``PartitionSpec`` that the pytree prefix
+  ``prefix`` gives it; a ValueError where ``prefix`` is no prefix of ``tree``."""
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, tree,
+                      is_leaf=is_spec)
+
+
 def entry_axes(entry: Any) -> tuple:
   """Mesh axis names of one entry of a ``PartitionSpec``."""
   if entry is None or entry is P.UNCONSTRAINED:
@@ -119,8 +132,7 @@ class DataAxis:
     o = self.options
     mesh = resolve_mesh(self.axes, o.mesh)
     diff = tuple(args[i] for i in o.argnums)
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = all(types[a] == jax.sharding.AxisType.Explicit for a in self.axes)
+    explicit = explicit_axes(mesh, self.axes)
     specs = _specs(o, diff, explicit, mesh)
     first_error = None
     if explicit and _compat.has_reduced_specs() and not (
@@ -159,8 +171,7 @@ def _specs(options: Any, diff: tuple, explicit: bool, mesh: Any) -> tuple:
     return jax.tree.map(spec_of if explicit else (lambda _: P()), diff)
   given = (options.param_specs,) if options.argnums_is_int else tuple(options.param_specs)
   try:
-    specs = tuple(jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), g, d,
-                               is_leaf=is_spec) for g, d in zip(given, diff, strict=True))
+    specs = tuple(prefix_specs(g, d) for g, d in zip(given, diff, strict=True))
   except ValueError as e:
     raise ValueError(
         f"param_specs={options.param_specs!r} must be a pytree prefix of the "
