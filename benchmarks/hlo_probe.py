@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxaccum._hlo_parser import parse, reachable, shape_bytes  # noqa: E402
+from jaxaccum._tools.hlo_parser import parse, reachable, shape_bytes  # noqa: E402
 
 
 def analyze(text: str, param_shapes: set[str]) -> dict:

@@ -1,47 +1,32 @@
 """jaxaccum: exact gradient accumulation for JAX, optax and Flax.
 
-Modules, one concept each, in the order one call of
-:func:`value_and_grad` passes through them:
+The package is laid out by concern; each folder's ``__init__`` gives its
+reading order:
 
-- ``_accumulate``: the public ``value_and_grad`` and ``grad``; a call's plan
-  and strategy, the jit around it, the result's nesting.
-- ``_options``: the options, validated once.
-- ``_microbatch``: a call's plan (batch arguments, ``N``), the strided split,
-  and the micro-step: one micro-batch's call of ``fun``, weighed.
-- ``_loop``: the micro-step traced once, one ``lax.scan``, one reduction.
-- ``_reducers``: one reducer per accumulated quantity (value, gradients,
-  weight, aux, states, statistics): what a micro-batch contributes, and how
-  the reduced sum becomes the result.
-- ``_parallel``: the strategy protocol, one device and ``axis_name``;
-  ``_sharded``: ``data_axis`` under plain ``jit`` (replicated, FSDP, tensor
-  parallel and HSDP parameters; ``defer_reduction``).
-- ``_dtypes``: accumulator dtypes and weight rules, shared with
-  ``_multi_steps`` (accumulation across optimizer steps, with its input
-  checks; its state in ``_multi_steps_state``, the data-axis cycle under
-  plain ``jit`` in ``_multi_steps_sharded``) and ``_deferred`` (gradients
-  reduced at the cycle's end).
-- ``_collectives`` (over ``_hlo_parser``), ``_planner``, ``_noise_scale``,
-  ``_stats``: collectives in compiled programs, choosing ``N`` from compiled
-  memory, noise-scale statistics.
-
-``jaxaccum.nnx`` (Flax NNX adapters, over ``_nnx_args``: NNX objects among
-the arguments) and ``jaxaccum.linen`` (Flax Linen adapters) are imported on
-first use, so the core never imports flax: flax is
-an optional dependency (``pip install 'jaxaccum[flax]'``).
+- ``_core``: in-step accumulation, ``value_and_grad`` and ``grad`` (options,
+  plan and split, the loop, the reducers).
+- ``_devices``: where the loop runs and reduces (one device, ``axis_name``,
+  ``data_axis`` strategies, ``PartitionSpec`` helpers, ``DeferredGrads``).
+- ``_steps``: across steps, ``multi_steps`` (its state, the data-axis cycle).
+- ``_tools``: the planner, collectives in compiled programs, noise scale.
+- ``nnx`` and ``linen`` (internals in ``_flax``): Flax adapters, imported on
+  first use, so the core never imports flax, an optional dependency
+  (``pip install 'jaxaccum[flax]'``).
+- ``_compat``: every detail that differs between supported jax versions.
 """
 
 import os as _os
 
 from jax._src import traceback_util as _traceback_util
 
-from jaxaccum._accumulate import grad, value_and_grad
-from jaxaccum._deferred import DeferredGrads
-from jaxaccum._collectives import CollectiveCounts, CollectivesByKind, count_collectives
-from jaxaccum._multi_steps import multi_steps
-from jaxaccum._multi_steps_state import MultiStepsState, has_updated
-from jaxaccum._noise_scale import NoiseScaleSmoother, NoiseScaleState, noise_scale_ema
-from jaxaccum._planner import MicrobatchPlan, plan_microbatches, plan_step
-from jaxaccum._stats import AccumulationStats
+from jaxaccum._core.accumulate import grad, value_and_grad
+from jaxaccum._devices.deferred import DeferredGrads
+from jaxaccum._tools.collectives import CollectiveCounts, CollectivesByKind, count_collectives
+from jaxaccum._steps.multi_steps import multi_steps
+from jaxaccum._steps.state import MultiStepsState, has_updated
+from jaxaccum._tools.noise_scale import NoiseScaleSmoother, NoiseScaleState, noise_scale_ema
+from jaxaccum._tools.planner import MicrobatchPlan, plan_microbatches, plan_step
+from jaxaccum._core.stats import AccumulationStats
 
 __version__ = "0.1.0"
 

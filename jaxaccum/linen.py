@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _compat, _dtypes
-from jaxaccum._accumulate import value_and_grad as _value_and_grad
-from jaxaccum._deferred import DeferredGrads
-from jaxaccum._multi_steps_state import MultiStepsState, has_updated
+from jaxaccum import _compat
+from jaxaccum._core import dtypes
+from jaxaccum._core.accumulate import value_and_grad as _value_and_grad
+from jaxaccum._devices.deferred import DeferredGrads
+from jaxaccum._steps.state import MultiStepsState, has_updated
 
 # Before flax is imported: without it, the error names the extra to install.
 _compat.require_flax("jaxaccum.linen")
@@ -125,7 +126,7 @@ class TrainState(train_state.TrainState):
         traced one makes the cycle's update NaN, as in
         :func:`jaxaccum.multi_steps`).
     """
-    _dtypes.check_static_weight(weight)
+    dtypes.check_static_weight(weight)
     if isinstance(grads, DeferredGrads):
       # Flax's apply_gradients looks for a key in ``grads``; these go to
       # ``tx`` (a ``multi_steps(data_axis=...)``) as they are.
@@ -383,7 +384,7 @@ def apply_scaled_gradients(
     (Array([0., 0.], dtype=float32), False, 32768.0)
   """
   _check_dynamic_scale(dynamic_scale)
-  _dtypes.check_static_weight(weight)
+  dtypes.check_static_weight(weight)
   updates, opt_state = _tx_update(state, grads, weight)
   ms_state = _multi_steps_state(opt_state)
   decided = jnp.array(True) if ms_state is None else has_updated(ms_state)

@@ -5,7 +5,7 @@ takes the module first, the gradients come back as an :class:`flax.nnx.State`
 of the variables selected by ``wrt`` (what :meth:`flax.nnx.Optimizer.update`
 takes), and the module's mutable state (BatchNorm statistics, RNG counts) is
 updated in place. Inside, every NNX object among the arguments is split into
-arrays (:mod:`jaxaccum._nnx_args`) and handed to :func:`jaxaccum.value_and_grad`:
+arrays (:mod:`jaxaccum._flax.nnx_args`) and handed to :func:`jaxaccum.value_and_grad`:
 
 - the ``wrt`` variables of the differentiated arguments are differentiated;
 - :class:`flax.nnx.BatchStat` variables follow ``state_policy``;
@@ -42,17 +42,20 @@ import jax.numpy as jnp
 from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
-from jaxaccum import _accumulate, _compat, _parallel, _sharded
-from jaxaccum._deferred import DeferredGrads
-from jaxaccum._options import STATE_POLICIES, Options, argnums_tuple, choice
-from jaxaccum._accumulate import Layout
+from jaxaccum import _compat
+from jaxaccum._core import accumulate
+from jaxaccum._devices import parallel
+from jaxaccum._devices import specs as _specs
+from jaxaccum._devices.deferred import DeferredGrads
+from jaxaccum._core.options import STATE_POLICIES, Options, argnums_tuple, choice
+from jaxaccum._core.accumulate import Layout
 
 # Before flax is imported: without it, the error names the extra to install.
 _compat.require_flax("jaxaccum.nnx")
 
 from flax import nnx  # noqa: E402
 
-from jaxaccum import _nnx_args  # noqa: E402
+from jaxaccum._flax import nnx_args as _nnx_args  # noqa: E402
 
 __all__ = ["grad", "value_and_grad"]
 
@@ -272,7 +275,7 @@ class _Accumulated:
     param_specs = spec.param_specs(diff)
     # The filters are the same for every call (and may be unhashable lists).
     key = (arguments._replace(diff=()),
-           tuple(jax.tree.leaves(param_specs, is_leaf=_sharded.is_spec)))
+           tuple(jax.tree.leaves(param_specs, is_leaf=_specs.is_spec)))
     if key not in self.cores:
       self.cores[key] = self._core(arguments, spec.core_options(len(args), param_specs))
     others = tuple(None if i in spec.diff else a for i, a in enumerate(plain))
@@ -299,13 +302,13 @@ class _Accumulated:
         plain[i] = tree
       stats, rest, keys, frozen = pure_args[num_args:]
       if data_axis:
-        keys = _parallel.salt_keys(keys, data_axis)
+        keys = parallel.salt_keys(keys, data_axis)
       user = arguments.merge(tuple(plain), stats, rest, keys, frozen)
       out = f(*user, **kwargs)
       loss, aux = out if has_aux else (out, ())
       return loss, (aux, arguments.states(user))
 
-    return _accumulate.build(pure, options)
+    return accumulate.build(pure, options)
 
 
 def _bound(f: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:

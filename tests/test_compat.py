@@ -80,4 +80,4 @@ def test_deprecation_warnings_from_jaxaccum_fail_the_suite():
   # pyproject's filterwarnings turns them into errors for every jaxaccum module.
   with pytest.raises(DeprecationWarning):
     warnings.warn_explicit("old API", DeprecationWarning, "_loop.py", 1,
-                           module="jaxaccum._loop")
+                           module="jaxaccum._core.loop")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxaccum
-from jaxaccum import _hlo_parser
+from jaxaccum._tools import hlo_parser
 from _models import token_batch, transformer_init, transformer_loss
 
 ROWS = 256
@@ -45,8 +45,8 @@ def test_eight_microbatches_cut_step_temp_memory(full_temp):
 
 def _while_body_and_temp(value_and_grad):
   compiled = jax.jit(value_and_grad).lower(PARAMS, BATCH).compile()
-  module = _hlo_parser.parse(compiled.as_text())
-  whiles = [i for c in _hlo_parser.reachable(module) for i in module.computations[c]
+  module = hlo_parser.parse(compiled.as_text())
+  whiles = [i for c in hlo_parser.reachable(module) for i in module.computations[c]
             if i.opcode == "while"]
   assert len(whiles) == 1
   body = module.computations[dict(whiles[0].calls)["body"]]

@@ -19,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxaccum
 from _models import assert_rel_close, standard_promotion
-from jaxaccum import _sharded
+from jaxaccum._devices import specs as _specs
 
 K = 2  # calls per cycle
 CYCLES = 2
@@ -154,7 +154,7 @@ def _setup(layout, axis_type, **options):
 
 def _assert_sharded_like(tree, specs, mesh, lead=()):
   for name, a in tree.items():
-    want = NamedSharding(mesh, P(*lead, *_sharded.without(specs[name], lead, a.ndim - len(lead))))
+    want = NamedSharding(mesh, P(*lead, *_specs.without(specs[name], lead, a.ndim - len(lead))))
     assert a.sharding.is_equivalent_to(want, a.ndim), (name, a.sharding, want)
 
 
@@ -175,7 +175,7 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   _assert_sharded_like(params, specs, mesh)
   entry = axes if len(axes) > 1 else axes[0]
   for name, acc in state.acc_grads.items():
-    want = P(entry, *_sharded.without(specs[name], axes, acc.ndim - 1))
+    want = P(entry, *_specs.without(specs[name], axes, acc.ndim - 1))
     assert acc.sharding.is_equivalent_to(NamedSharding(mesh, want), acc.ndim), (name, acc)
   # The update: nothing on the k - 1 accumulating calls; the reduction, in
   # the conditional, on the completing call.

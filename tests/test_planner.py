@@ -124,7 +124,7 @@ def test_default_budget_is_the_device_bytes_limit(monkeypatch):
     def memory_stats(self):
       return {"bytes_limit": 123_456_789, "bytes_in_use": 0}
 
-  monkeypatch.setattr(jaxaccum._planner.jax, "devices", lambda: [Device()])
+  monkeypatch.setattr(jaxaccum._tools.planner.jax, "devices", lambda: [Device()])
   plan = _plan(None, candidates=[4])
   assert plan.memory_budget == 123_456_789
   assert plan.num_microbatches == 4

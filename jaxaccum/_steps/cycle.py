@@ -14,7 +14,7 @@ The cycle's last call reduces the rows in a ``shard_map`` manual over the data
 axes only (other axes stay automatic, so tensor-parallel dimensions are never
 gathered): a ``psum_scatter`` over the data axes a parameter is sharded over
 (FSDP: the sum lands in the parameter's shards), a ``psum`` over the others.
-:mod:`jaxaccum._multi_steps` calls this inside the ``lax.cond`` branch that
+:mod:`jaxaccum._steps.multi_steps` calls this inside the ``lax.cond`` branch that
 ends the cycle, whose operands are ordinary sharded arrays (never
 ``unreduced`` ones, which would make XLA reduce outside the conditional on
 every call), and runs the inner optimizer there under ordinary sharding, on
@@ -32,8 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxaccum import _options, _sharded
-from jaxaccum._deferred import DeferredGrads
+from jaxaccum._core import options as _options
+from jaxaccum._devices import data_axis as _data_axis
+from jaxaccum._devices import specs as _specs
+from jaxaccum._devices.deferred import DeferredGrads
 
 PyTree = Any
 Axes = tuple[Hashable, ...]
@@ -61,21 +63,21 @@ class DataCycle:
       fix = ("use the mesh's axis names in data_axis=" if self._mesh is not None else
              "pass mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
       raise ValueError(
-          f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}) names axes {missing} "
+          f"multi_steps(data_axis={_specs.axis_spec(self.axes)!r}) names axes {missing} "
           f"that the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); {fix}")
     return mesh
 
   def explicit(self, mesh: Any) -> bool:
-    return _sharded.explicit_axes(mesh, self.axes)
+    return _specs.explicit_axes(mesh, self.axes)
 
   def specs(self, tree: PyTree, mesh: Any) -> PyTree:
     """Per leaf of ``tree`` (parameters or gradients), its ``PartitionSpec``."""
     if self.explicit(mesh):
-      return jax.tree.map(_sharded.spec_of, tree)
+      return jax.tree.map(_specs.spec_of, tree)
     if self.param_specs is None:
       return jax.tree.map(lambda _: P(), tree)
     try:
-      return _sharded.prefix_specs(self.param_specs, tree)
+      return _specs.prefix_specs(self.param_specs, tree)
     except ValueError as e:
       raise ValueError(
           f"multi_steps(param_specs={self.param_specs!r}) must be a pytree prefix "
@@ -84,7 +86,7 @@ class DataCycle:
   def partial_spec(self, spec: P, ndim: int) -> P:
     """The accumulator's spec for a parameter of ``spec``: data axes on a new
     leading dimension, the parameter's other axes kept."""
-    return P(_sharded.axis_spec(self.axes), *_sharded.without(spec, self.axes, ndim))
+    return P(_specs.axis_spec(self.axes), *_specs.without(spec, self.axes, ndim))
 
   def place(self, x: jax.Array, mesh: Any, spec: P) -> jax.Array:
     """``x`` (inside or outside ``jit``) with sharding ``spec`` on ``mesh``."""
@@ -95,7 +97,7 @@ class DataCycle:
   def zeros(self, params: PyTree, dtype_of: Any) -> PyTree:
     """The empty accumulator for ``params``."""
     mesh = self.mesh()
-    d = _sharded.data_devices(self.axes, mesh)
+    d = _data_axis.data_devices(self.axes, mesh)
     return jax.tree.map(
         lambda p, s: self.place(jnp.zeros((d, *jnp.shape(p)), dtype_of(jnp.result_type(p))),
                                 mesh, self.partial_spec(s, jnp.ndim(p))),
@@ -107,7 +109,7 @@ class DataCycle:
       if tuple(grads.axes) != self.axes:
         raise ValueError(
             f"gradients deferred over axes {tuple(grads.axes)} given to "
-            f"multi_steps(data_axis={_sharded.axis_spec(self.axes)!r}); pass the same data_axis "
+            f"multi_steps(data_axis={_specs.axis_spec(self.axes)!r}); pass the same data_axis "
             "to value_and_grad and multi_steps")
       got = [jnp.shape(g) for g in jax.tree.leaves(grads.partials)]
       want = [a.shape for a in jax.tree.leaves(acc)]
@@ -115,7 +117,7 @@ class DataCycle:
         raise ValueError(
             f"DeferredGrads of shapes {got} given to a multi_steps whose accumulator has "
             f"shapes {want} (one row per device along data_axis="
-            f"{_sharded.axis_spec(self.axes)!r}); use the same mesh for value_and_grad "
+            f"{_specs.axis_spec(self.axes)!r}); use the same mesh for value_and_grad "
             "and multi_steps")
       return grads.partials
     mesh = self.mesh()
@@ -137,7 +139,7 @@ class DataCycle:
     return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
 
   def _only(self, specs: PyTree, manual: frozenset) -> PyTree:
-    return jax.tree.map(lambda s: _sharded.only(s, tuple(manual)), specs, is_leaf=_sharded.is_spec)
+    return jax.tree.map(lambda s: _specs.only(s, tuple(manual)), specs, is_leaf=_specs.is_spec)
 
   def _rows(self, tree: PyTree, specs: PyTree) -> PyTree:
     """The accumulator's specs over the manual axes, for ``tree``'s leaves of ``specs``."""
@@ -150,13 +152,13 @@ class DataCycle:
     full, offsets = [], []
     for n, names in zip(block.shape, map(self._data_names, entries)):
       full.append(n * math.prod(lax.axis_size(a) for a in names))
-      offsets.append(lax.axis_index(_sharded.axis_spec(names)) * n if names
+      offsets.append(lax.axis_index(_specs.axis_spec(names)) * n if names
                      else jnp.zeros([], jnp.int32))
     row = lax.dynamic_update_slice(jnp.zeros(full, block.dtype), block, offsets)
     for a in self.axes:
-      if a not in _sharded.sharded_over(spec, self.axes):
+      if a not in _specs.sharded_over(spec, self.axes):
         row = jnp.where(lax.axis_index(a) == 0, row, jnp.zeros_like(row))
-    return _sharded.to_varying(row, self.axes)[None]
+    return _specs.to_varying(row, self.axes)[None]
 
   def reduce(self, acc: PyTree, params: PyTree | None) -> PyTree:
     """The sum of the rows, in the parameters' sharding over the data axes
@@ -166,7 +168,7 @@ class DataCycle:
     manual = self.manual(mesh)
     if params is None and self.explicit(mesh):
       # The parameters' non-data sharding is the accumulator's.
-      specs = jax.tree.map(lambda a: P(*_sharded.spec_of(a)[1:]), acc)
+      specs = jax.tree.map(lambda a: P(*_specs.spec_of(a)[1:]), acc)
     else:
       specs = self.specs(acc if params is None else params, mesh)
     specs = self._only(specs, manual)
@@ -179,13 +181,13 @@ class DataCycle:
                          axis_names=manual)(acc)
 
   def _data_names(self, entry: Any) -> tuple:
-    return tuple(a for a in _sharded.entry_axes(entry) if a in self.axes)
+    return tuple(a for a in _specs.entry_axes(entry) if a in self.axes)
 
   def _reduce_rows(self, row: jax.Array, spec: P) -> jax.Array:
     for dim, entry in enumerate(spec):
       for axis in self._data_names(entry):
         row = lax.psum_scatter(row, axis, scatter_dimension=dim, tiled=True)
-    rest = tuple(a for a in self.axes if a not in _sharded.sharded_over(spec, self.axes))
+    rest = tuple(a for a in self.axes if a not in _specs.sharded_over(spec, self.axes))
     return lax.psum(row, rest) if rest else row
 
 
@@ -204,7 +206,7 @@ def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> D
   if mesh is not None and not hasattr(mesh, "axis_names"):
     raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
                     "for the mesh of jax.set_mesh)")
-  if not all(_sharded.is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_sharded.is_spec)):
+  if not all(_specs.is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_specs.is_spec)):
     raise TypeError(f"multi_steps(param_specs={param_specs!r}) must be a PartitionSpec or "
                     "a pytree of them (a prefix of the parameters), e.g. "
                     "{'w': P('data', None), 'b': P()}")

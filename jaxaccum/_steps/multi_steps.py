@@ -20,10 +20,12 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxaccum import _dtypes, _options, _sharded
-from jaxaccum._deferred import DeferredGrads
-from jaxaccum._multi_steps_sharded import DataCycle, data_cycle
-from jaxaccum._multi_steps_state import MultiSteps, MultiStepsState
+from jaxaccum._core import dtypes as _dtypes
+from jaxaccum._core import options as _options
+from jaxaccum._devices import specs
+from jaxaccum._devices.deferred import DeferredGrads
+from jaxaccum._steps.cycle import DataCycle, data_cycle
+from jaxaccum._steps.state import MultiSteps, MultiStepsState
 
 Params = Any
 Updates = Any
@@ -127,7 +129,7 @@ def multi_steps(
       it (pass ``params`` to ``update``, as optax does, for FSDP).
 
   Returns:
-    A :class:`~jaxaccum._multi_steps_state.MultiSteps` (an
+    A :class:`~jaxaccum._steps.state.MultiSteps` (an
     ``optax.GradientTransformationExtraArgs``) whose update takes
     ``(grads, state, params=None, *, weight=None, **extra_args)``; ``weight``
     (a non-negative scalar) makes the cycle's gradient the weighted mean of
@@ -291,14 +293,14 @@ def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callab
           lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
       new_updates, new_state = inner_update(acc_grads, inner_state)
       return (new_updates, _cast_like_state(new_state, inner_state),
-              _sharded.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
+              specs.to_varying((zeros, jnp.zeros_like(acc_weight)), axes))
 
   def continue_cycle(acc_grads, acc_weight, inner_state):
     grads = jax.eval_shape(reduced, acc_grads, acc_weight)[0] if cfg.data else acc_grads
     shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
     zero_updates = jax.tree.map(_zeros_of, shapes)
     return (zero_updates, inner_state,
-            _sharded.to_varying((acc_grads, acc_weight), axes))
+            specs.to_varying((acc_grads, acc_weight), axes))
 
   return lax.cond(emit, finish_cycle, continue_cycle, *operands)
 
@@ -323,8 +325,8 @@ def _cast_like_state(new: Any, old: Any) -> Any:
     if hasattr(n, "dtype") and hasattr(o, "dtype") and n.dtype != o.dtype:
       n = jnp.asarray(n).astype(o.dtype)
     if hasattr(n, "dtype") and hasattr(o, "dtype"):
-      old = _sharded.spec_of(o)
-      if _sharded.spec_of(n) != old and (_named(old) or _named(_sharded.spec_of(n))):
+      old = specs.spec_of(o)
+      if specs.spec_of(n) != old and (_named(old) or _named(specs.spec_of(n))):
         n = jax.sharding.reshard(n, jax.typeof(o).sharding)
     return n
 
@@ -399,7 +401,7 @@ def _checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
   if axes:
     # Devices must agree, or only some would enter the cycle's all-reduce:
     # a call skipped on any device is skipped on all of them.
-    skip = lax.pmax(_sharded.to_varying(skip.astype(jnp.int32), axes), axes) > 0
+    skip = lax.pmax(specs.to_varying(skip.astype(jnp.int32), axes), axes) > 0
   return skip
 
 

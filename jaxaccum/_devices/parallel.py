@@ -3,8 +3,8 @@
 The loop talks to devices only through a :class:`Strategy`. :class:`Local`
 (one device) and :class:`Named` (``axis_name``, inside ``jax.pmap`` /
 ``jax.shard_map``) live here; the ``data_axis`` strategies for plain
-``jax.jit`` over sharded arrays (:class:`~jaxaccum._sharded.DataAxis` and the
-two it picks from) live in :mod:`jaxaccum._sharded`.
+``jax.jit`` over sharded arrays (:class:`~jaxaccum._devices.data_axis.DataStrategy` and the
+two it picks from) live in :mod:`jaxaccum._devices.data_strategies`.
 
 Inside ``shard_map`` (with ``check_vma=True``) JAX tracks which values differ
 across devices. Differentiating with respect to parameters that are the same
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import jax
 from jax import lax
 
-from jaxaccum._sharded import axis_spec, to_varying
+from jaxaccum._devices.specs import axis_spec, to_varying
 
 PyTree = Any
 Axes = tuple[Hashable, ...]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _dtypes
+from jaxaccum._core import dtypes
 
 Reduction = Literal["mean", "sum"]
 AuxReduction = Literal["mean", "sum", "stack", "concat"]
@@ -218,7 +218,7 @@ class Options:
         has_aux=bool(has_aux), weight_fn=_callable("weight_fn", weight_fn),
         reduction=choice("reduction", reduction, REDUCTIONS),
         aux_reduction=_aux_reduction(aux_reduction),
-        accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
+        accumulator_dtype=dtypes.check_accumulator_dtype(accumulator_dtype),
         rng_argnums=rng_t, axis_name=axis_t, data_axis=data_t, mesh=mesh,
         state_argnums=state_t, state_policies=_state_policies(state_policy, state_t),
         with_stats=bool(with_stats), skip_nonfinite=bool(skip_nonfinite),

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _dtypes, _stats
-from jaxaccum._microbatch import Micro
-from jaxaccum._options import Options
+from jaxaccum._core import dtypes as _dtypes
+from jaxaccum._core import stats
+from jaxaccum._core.microbatch import Micro
+from jaxaccum._core.options import Options
 
 PyTree = Any
 
@@ -199,7 +200,7 @@ def _state_mean(total: jax.Array, count: jax.Array, fallback: jax.Array) -> jax.
 
 def sq_norm() -> Reducer:
   """Squared norms of the sampled micro-batch gradients (statistics)."""
-  return Reducer(lambda m: jnp.where(m.sampled > 0, _stats.sq_norm(m.grads), 0),
+  return Reducer(lambda m: jnp.where(m.sampled > 0, stats.sq_norm(m.grads), 0),
                  lambda total, totals: total)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccum import _dtypes
+from jaxaccum._core import dtypes
 
 
 class MultiStepsState(NamedTuple):
@@ -102,7 +102,7 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     use_grad_mean, accumulator_dtype, data = self.__dict__["options"]
 
     def to_sum(acc):
-      acc = acc.astype(_dtypes.accumulator_for(accumulator_dtype, acc.dtype))
+      acc = acc.astype(dtypes.accumulator_for(accumulator_dtype, acc.dtype))
       return acc * count.astype(acc.dtype) if use_grad_mean else acc
 
     gradient_step = jnp.asarray(optax_state.gradient_step, jnp.int32)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxaccum import _hlo_parser
+from jaxaccum._tools import hlo_parser
 
 # HLO opcode -> field of CollectivesByKind. An asynchronous collective is a
 # ``*-start`` / ``*-done`` pair; only the start is counted.
@@ -237,10 +237,10 @@ def count_collectives(fn: Callable[..., Any] | jax.stages.Lowered | jax.stages.C
     raise TypeError(
         f"count_collectives takes a function, a Lowered, a Compiled or optimized "
         f"HLO text, got {fn!r} of type {type(fn).__name__}")
-  return _count(_hlo_parser.parse(text))
+  return _count(hlo_parser.parse(text))
 
 
-def _count(module: _hlo_parser.Module) -> CollectiveCounts:
+def _count(module: hlo_parser.Module) -> CollectiveCounts:
   """Counts a module's collectives, and their bytes, by where they sit."""
   # Per placement (inside loops, outside loops, in conditionals) and kind.
   numbers = [collections.Counter() for _ in CollectiveCounts._fields]
@@ -261,7 +261,7 @@ def _count(module: _hlo_parser.Module) -> CollectiveCounts:
                           bytes=CollectiveCounts(*(CollectivesByKind(**c) for c in sizes)))
 
 
-def _placements(module: _hlo_parser.Module) -> dict[str, set[tuple[bool, bool]]]:
+def _placements(module: hlo_parser.Module) -> dict[str, set[tuple[bool, bool]]]:
   """``{computation: {(in a loop, in a branch)}}`` for those the entry reaches."""
   # Each computation is reached with some of the flags; propagate every
   # combination along the call edges.
@@ -274,24 +274,24 @@ def _placements(module: _hlo_parser.Module) -> dict[str, set[tuple[bool, bool]]]
     reached[name].add((in_loop, in_branch))
     for ins in module.computations[name]:
       for attr, callee in ins.calls:
-        stack.append((callee, in_loop or attr in _hlo_parser.LOOP_ATTRS,
-                      in_branch or attr in _hlo_parser.BRANCH_ATTRS))
+        stack.append((callee, in_loop or attr in hlo_parser.LOOP_ATTRS,
+                      in_branch or attr in hlo_parser.BRANCH_ATTRS))
   return reached
 
 
-def _data_bytes(ins: _hlo_parser.Instruction, computation: list[_hlo_parser.Instruction]) -> int:
+def _data_bytes(ins: hlo_parser.Instruction, computation: list[hlo_parser.Instruction]) -> int:
   """Bytes of the data collective ``ins`` reduces, gathers or sends, per device."""
   if ins.opcode == "reduce-scatter":
     # The data reduced, before it is scattered; operands are printed with
     # their shapes or must be looked up.
     defined = {other.name: other.shape for other in computation}
     try:
-      return sum(_hlo_parser.shape_bytes(shape or defined[name])
+      return sum(hlo_parser.shape_bytes(shape or defined[name])
                  for name, shape in zip(ins.operands, ins.operand_shapes))
     except KeyError as e:
       raise ValueError(f"operand {e} of {ins.name} is not defined in its computation") from None
   shape = ins.shape
   if ins.opcode in _TUPLE_STARTS:
-    elements = _hlo_parser.tuple_elements(shape)
+    elements = hlo_parser.tuple_elements(shape)
     shape = elements[1] if len(elements) > 1 else elements[0]
-  return _hlo_parser.shape_bytes(shape)
+  return hlo_parser.shape_bytes(shape)

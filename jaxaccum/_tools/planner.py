@@ -16,7 +16,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxaccum import _accumulate, _microbatch, _options, _sharded
+from jaxaccum._core import accumulate
+from jaxaccum._core import microbatch
+from jaxaccum._core import options as _options
+from jaxaccum._devices import data_axis as _data_axis
 
 
 class MicrobatchPlan(NamedTuple):
@@ -131,12 +134,12 @@ def plan_microbatches(
     raise ValueError(
         f"the batch (batch_argnums={opts.batch_argnums}) has leading size 0: there "
         "are no rows to split, so no number of micro-batches to plan")
-  devices = _sharded.data_devices(opts.data_axis, opts.mesh)
+  devices = _data_axis.data_devices(opts.data_axis, opts.mesh)
   if size % devices:
     raise ValueError(
         f"batch size {size} is not divisible by the {devices} devices of "
         f"data_axis={options['data_axis']!r}")
-  return _plan(lambda n: jax.jit(_accumulate.value_and_grad(fun, num_microbatches=n,
+  return _plan(lambda n: jax.jit(accumulate.value_and_grad(fun, num_microbatches=n,
                                                              **options)),
                args, size, size // devices, memory_budget, candidates)
 
@@ -288,4 +291,4 @@ def _batch_size(batch: tuple) -> int:
   # of value_and_grad apply without allocating.
   stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.int8), x.shape)
                            if isinstance(x, jax.ShapeDtypeStruct) else x, batch)
-  return _microbatch.batch_size(_microbatch.Batch(stand_ins, {}), (0,) * len(batch))
+  return microbatch.batch_size(microbatch.Batch(stand_ins, {}), (0,) * len(batch))

@@ -1,9 +1,9 @@
 """In-step gradient accumulation: the public ``value_and_grad`` and ``grad``.
 
-One call: the options (validated once, :mod:`jaxaccum._options`) and the
-call's arguments give its :class:`~jaxaccum._microbatch.Plan` and strategy,
-worked out once; the loop (:mod:`jaxaccum._loop`) runs under the strategy
-and returns :class:`~jaxaccum._loop.Outputs`, which a :class:`Layout` nests
+One call: the options (validated once, :mod:`jaxaccum._core.options`) and the
+call's arguments give its :class:`~jaxaccum._core.microbatch.Plan` and strategy,
+worked out once; the loop (:mod:`jaxaccum._core.loop`) runs under the strategy
+and returns :class:`~jaxaccum._core.loop.Outputs`, which a :class:`Layout` nests
 the way :func:`jax.value_and_grad` nests its result.
 """
 
@@ -18,9 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import traceback_util
 
-from jaxaccum import _loop, _microbatch, _parallel, _sharded
-from jaxaccum._microbatch import Binding, Plan
-from jaxaccum._options import AuxReduction, FsdpGather, Options, Reduction, StatePolicy
+from jaxaccum._core import loop as _loop
+from jaxaccum._core import microbatch
+from jaxaccum._devices import parallel
+from jaxaccum._devices import data_axis as _data_axis
+from jaxaccum._core.microbatch import Binding, Plan
+from jaxaccum._core.options import AuxReduction, FsdpGather, Options, Reduction, StatePolicy
 
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -223,8 +226,8 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
       raise ValueError(
           f"{options.describe_positions()} must name positional arguments, but the "
           f"function was called with {len(args)}")
-    devices = _sharded.data_devices(options.data_axis, options.mesh)
-    plan = _microbatch.plan(options, binding, args, kwargs, devices)
+    devices = _data_axis.data_devices(options.data_axis, options.mesh)
+    plan = microbatch.plan(options, binding, args, kwargs, devices)
     if options.axis_name or _traced((args, kwargs)) or (
         not options.data_axis and plan.n == 1):
       return accumulate(plan, args, kwargs)
@@ -236,13 +239,13 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
   return call
 
 
-def _strategy(options: Options, plan: Plan) -> _parallel.Strategy:
+def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
   """The multi-device strategy of one call."""
   if options.data_axis:
-    return _sharded.DataAxis(options.data_axis, options, plan)
+    return _data_axis.DataStrategy(options.data_axis, options, plan)
   if options.axis_name:
-    return _parallel.Named(options.axis_name)
-  return _parallel.Local()
+    return parallel.Named(options.axis_name)
+  return parallel.Local()
 
 
 def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:

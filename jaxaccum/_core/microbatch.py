@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxaccum import _dtypes
-from jaxaccum._options import Options
+from jaxaccum._core import dtypes
+from jaxaccum._core.options import Options
 
 PyTree = Any
 
@@ -299,7 +299,7 @@ def _weigh(options: Options, micro: Batch, value: jax.Array, grads: PyTree):
   one = jnp.ones([], jnp.float32)
   weight = None
   if options.weight_fn is not None:
-    weight = _dtypes.checked_weight(options.weight_fn(*micro.args, **micro.kwargs),
+    weight = dtypes.checked_weight(options.weight_fn(*micro.args, **micro.kwargs),
                                     "weight_fn's result")
   # A micro-batch of weight zero (all padding) is no gradient sample, and even
   # with a 0 / 0 loss it is not counted as skipped.

@@ -1,9 +1,9 @@
 """The micro-batch loop: one trace of the micro-step, one ``lax.scan``, one reduction.
 
 Read top-down, one call is: :func:`accumulate` hands the loop to the
-multi-device strategy (:mod:`jaxaccum._parallel`), which runs :func:`_run`
-on one device or on each: the micro-step (:mod:`jaxaccum._microbatch`) is
-traced once, its output's shapes pick the reducers (:mod:`jaxaccum._reducers`)
+multi-device strategy (:mod:`jaxaccum._devices.parallel`), which runs :func:`_run`
+on one device or on each: the micro-step (:mod:`jaxaccum._core.microbatch`) is
+traced once, its output's shapes pick the reducers (:mod:`jaxaccum._core.reducers`)
 and their zeros, the scan sums what each micro-batch contributes, the
 strategy reduces every sum across devices at once, and the reducers'
 ``finalize`` form the :class:`Outputs`.
@@ -20,9 +20,14 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jaxaccum import _dtypes, _microbatch, _parallel, _reducers, _sharded, _stats
-from jaxaccum._microbatch import Micro, Plan
-from jaxaccum._options import Options
+from jaxaccum._core import dtypes as _dtypes
+from jaxaccum._core import microbatch as _microbatch
+from jaxaccum._devices import parallel
+from jaxaccum._core import reducers as _reducers
+from jaxaccum._devices import specs
+from jaxaccum._core import stats as _stats
+from jaxaccum._core.microbatch import Micro, Plan
+from jaxaccum._core.options import Options
 
 PyTree = Any
 
@@ -47,7 +52,7 @@ class Outputs(NamedTuple):
 
 
 def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
-               strategy: _parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
+               strategy: parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
   """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
   real = options.num_real_microbatches
   if not isinstance(real, jax.Array):
@@ -64,7 +69,7 @@ def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
 
 
 def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
-         strategy: _parallel.Strategy, args: tuple, kwargs: dict, real: Any) -> Outputs:
+         strategy: parallel.Strategy, args: tuple, kwargs: dict, real: Any) -> Outputs:
   """The loop on one device (or on each device of ``strategy``); ``real``:
   ``num_real_microbatches``."""
   batch = _microbatch.batch_of(plan, args, kwargs)
@@ -72,7 +77,7 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
   for i, diff in zip(options.argnums, strategy.prepare(tuple(args[i] for i in options.argnums))):
     args[i] = diff
   salt = strategy.rng_salt()
-  keys = {i: args[i] if salt is None else _parallel.fold_in_device(args[i], salt)
+  keys = {i: args[i] if salt is None else parallel.fold_in_device(args[i], salt)
           for i in options.rng_argnums}
   step = _microbatch.make_step(options, plan, grad_fn, tuple(args), kwargs, keys,
                                strategy.microbatch)
@@ -101,7 +106,7 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
                    like, rows, real)
 
 
-def _contribution(reducers: dict, kinds: tuple, strategy: _parallel.Strategy, m: Micro):
+def _contribution(reducers: dict, kinds: tuple, strategy: parallel.Strategy, m: Micro):
   """What micro-batch ``m`` adds to the sums, and its stacked aux leaves."""
   sums = {name: r.contribute(m) for name, r in reducers.items()}
   sums["grads"] = strategy.gradients(sums["grads"])
@@ -134,7 +139,7 @@ def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan
   return traced_jaxpr, like, seq_like
 
 
-def _scan(contribution: Callable[[Micro], Any], strategy: _parallel.Strategy,
+def _scan(contribution: Callable[[Micro], Any], strategy: parallel.Strategy,
           traced: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
           seq_init: tuple, like: Micro, real: Any):
   """The sums over micro-batches ``0 .. N - 1`` (those below ``real`` only)."""
@@ -165,11 +170,11 @@ def _scan(contribution: Callable[[Micro], Any], strategy: _parallel.Strategy,
 def _like(tree: PyTree, shapes: PyTree) -> PyTree:
   """``tree`` cast device-varying where ``shapes`` are (inside a ``shard_map``
   over parameters the user made varying, the carry must be too)."""
-  return jax.tree.map(lambda x, s: _sharded.to_varying(x, tuple(_sharded.varying_axes(s))),
+  return jax.tree.map(lambda x, s: specs.to_varying(x, tuple(specs.varying_axes(s))),
                       tree, shapes)
 
 
-def _reduce(options: Options, plan: Plan, strategy: _parallel.Strategy, reducers: dict,
+def _reduce(options: Options, plan: Plan, strategy: parallel.Strategy, reducers: dict,
             kinds: tuple, sums: dict, seq_states: tuple, stacked: dict, like: Micro,
             rows: int, real: Any) -> Outputs:
   """The one cross-device reduction, then every reducer's ``finalize``."""
