@@ -20,6 +20,7 @@ import os as _os
 from jax._src import traceback_util as _traceback_util
 
 from jaxaccum._core.accumulate import grad, value_and_grad
+from jaxaccum._devices.data_axis import DataAxis
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._tools.collectives import CollectiveCounts, CollectivesByKind, count_collectives
 from jaxaccum._steps.multi_steps import multi_steps
@@ -34,6 +35,7 @@ __all__ = [
     "AccumulationStats",
     "CollectiveCounts",
     "CollectivesByKind",
+    "DataAxis",
     "DeferredGrads",
     "MicrobatchPlan",
     "MultiStepsState",

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Hashable, Sequence
@@ -47,7 +48,9 @@ from jaxaccum._core import accumulate
 from jaxaccum._devices import parallel
 from jaxaccum._devices import specs as _specs
 from jaxaccum._devices.deferred import DeferredGrads
-from jaxaccum._core.options import STATE_POLICIES, Options, argnums_tuple, choice
+from jaxaccum._core import checks
+from jaxaccum._core.options import STATE_POLICIES, AuxReduction, Options, Reduction, StatePolicy
+from jaxaccum._devices.data_axis import DataAxis, FsdpGather
 from jaxaccum._core.accumulate import Layout
 
 # Before flax is imported: without it, the error names the extra to install.
@@ -63,26 +66,28 @@ __all__ = ["grad", "value_and_grad"]
 def value_and_grad(
     f: Callable[..., Any],
     *,
-    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
+    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
+    wrt: Any = nnx.Param,
     batch_argnums: int | Sequence[int] | None = None,
     batch_argnames: str | Sequence[str] = (),
+    has_aux: bool = False,
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
-    reduction: str = "mean",
-    aux_reduction: Any = "mean",
+    reduction: Reduction = "mean",
+    aux_reduction: AuxReduction | Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
-    data_axis: Hashable | Sequence[Hashable] | None = None,
+    data_axis: Hashable | Sequence[Hashable] | DataAxis | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    state_policy: str = "sequential",
+    state_policy: StatePolicy = "sequential",
     with_stats: bool = False,
     skip_nonfinite: bool = False,
-    fsdp_gather: str = "once",
+    fsdp_gather: FsdpGather = "once",
     param_specs: Any = None,
     defer_reduction: bool = False,
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
 ) -> Callable[..., Any]:
   """Like :func:`flax.nnx.value_and_grad`, accumulated over micro-batches.
 
@@ -140,26 +145,28 @@ def value_and_grad(
 def grad(
     f: Callable[..., Any],
     *,
-    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
+    argnums: int | nnx.DiffState | Sequence[int | nnx.DiffState] = 0,
+    wrt: Any = nnx.Param,
     batch_argnums: int | Sequence[int] | None = None,
     batch_argnames: str | Sequence[str] = (),
+    has_aux: bool = False,
     weight_fn: Callable[..., jax.typing.ArrayLike] | None = None,
-    reduction: str = "mean",
-    aux_reduction: Any = "mean",
+    reduction: Reduction = "mean",
+    aux_reduction: AuxReduction | Any = "mean",
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
-    data_axis: Hashable | Sequence[Hashable] | None = None,
+    data_axis: Hashable | Sequence[Hashable] | DataAxis | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    state_policy: str = "sequential",
+    state_policy: StatePolicy = "sequential",
     with_stats: bool = False,
     skip_nonfinite: bool = False,
-    fsdp_gather: str = "once",
+    fsdp_gather: FsdpGather = "once",
     param_specs: Any = None,
     defer_reduction: bool = False,
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
 ) -> Callable[..., Any]:
   """Like :func:`flax.nnx.grad`, accumulated over micro-batches.
 
@@ -188,49 +195,49 @@ class _Spec(NamedTuple):
     diff: ``{position: filter}`` of the differentiated arguments.
     single: whether ``argnums`` named one argument (grads not in a tuple).
     state_policy: the policy of :class:`flax.nnx.BatchStat` variables.
-    options: the options for the user's positions, as the core validates them.
-    public: the core's keyword arguments as given, for :meth:`core_options`.
+    options: the options for the user's positions, validated once.
   """
 
   diff: dict[int, Any]
   single: bool
   state_policy: str
   options: Options
-  public: dict[str, Any]
 
   @classmethod
   def create(cls, names: dict[str, Any]) -> _Spec:
-    argnums, wrt, policy = names["argnums"], names["wrt"], names["state_policy"]
+    given = {k: v for k, v in names.items() if k != "f"}
+    argnums, wrt = given.pop("argnums"), given.pop("wrt")
+    # nnx.BatchStat variables are the one state: one policy.
+    policy = checks.choice("state_policy", given["state_policy"], STATE_POLICIES)
     single = not isinstance(argnums, Sequence)
     entries = (argnums,) if single else tuple(argnums)
     diff = {}
     for entry in entries:
       if isinstance(entry, nnx.DiffState):
-        diff[argnums_tuple("argnums", entry.argnum)[0]] = entry.filter
+        diff[checks.argnums("argnums", entry.argnum)[0]] = entry.filter
       else:
-        diff[argnums_tuple("argnums", entry)[0]] = wrt
+        diff[checks.argnums("argnums", entry)[0]] = wrt
     if not diff or len(diff) != len(entries):
       raise ValueError(f"argnums must name distinct arguments, got {argnums=}")
-    choice("state_policy", policy, STATE_POLICIES)
-    public = {k: v for k, v in names.items()
-              if k not in ("f", "argnums", "wrt", "state_policy")}
-    # The user's positions first, so that a message names what the user gave.
-    positions = next(iter(diff)) if single else tuple(diff)
-    options = Options.create(argnums=positions, **public)
+    given["state_policy"] = "sequential"  # BatchStat is no core state argument
+    # The user's positions, so that a message names what the user gave.
+    options = Options.create(argnums=next(iter(diff)) if single else tuple(diff), **given)
     if 0 in options.batch_argnums:
       raise ValueError(
           f"batch_argnums={options.batch_argnums} names position 0, the module; the "
           "batch arguments come after it")
-    return cls(diff, single, policy, options, public)
+    return cls(diff, single, policy, options)
 
   def core_options(self, num_args: int, param_specs: Any) -> Options:
     """The core's options for ``pure(diff, *args, stats, rest, keys, frozen)``:
     the differentiated trees are one argument in front, the states at the end."""
-    return Options.create(**{
-        **self.public, "argnums": 0, "has_aux": True,
-        "batch_argnums": tuple(i + 1 for i in self.options.batch_argnums),
-        "state_argnums": (num_args + 1, num_args + 2),
-        "state_policy": (self.state_policy, "sequential"), "param_specs": param_specs})
+    o = self.options
+    data = o.data if o.data is None else dataclasses.replace(o.data, param_specs=param_specs)
+    return dataclasses.replace(
+        o, argnums=(0,), has_aux=True, argnums_is_int=True, data=data,
+        batch_argnums=tuple(i + 1 for i in o.batch_argnums),
+        state_argnums=(num_args + 1, num_args + 2), state_is_tuple=True,
+        state_policies=(self.state_policy, "sequential"))
 
   def param_specs(self, diff: tuple) -> Any:
     """The core's ``param_specs`` for the differentiated trees ``diff``.
@@ -239,11 +246,11 @@ class _Spec(NamedTuple):
     metadata (:func:`flax.nnx.get_partition_spec`): on Auto mesh axes an
     array's sharding is invisible inside ``jit``, the metadata is not.
     """
-    if not self.options.data_axis:
+    data = self.options.data
+    if data is None:
       return None
-    given = self.options.param_specs
-    if given is not None:
-      return (given,) if self.single else tuple(given)
+    if data.param_specs is not None:
+      return (data.param_specs,) if self.single else tuple(data.param_specs)
     is_state = lambda x: isinstance(x, nnx.State)  # noqa: E731
     return tuple(jax.tree.map(lambda x: nnx.get_partition_spec(x) if is_state(x) else P(),
                               tree, is_leaf=is_state) for tree in diff)

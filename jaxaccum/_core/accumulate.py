@@ -23,7 +23,9 @@ from jaxaccum._core import microbatch
 from jaxaccum._devices import parallel
 from jaxaccum._devices import data_axis as _data_axis
 from jaxaccum._core.microbatch import Binding, Plan
-from jaxaccum._core.options import AuxReduction, FsdpGather, Options, Reduction, StatePolicy
+from jaxaccum._core.options import AuxReduction, Options, Reduction, StatePolicy
+from jaxaccum._devices.data_axis import DataAxis, FsdpGather
+from jaxaccum._devices.data_strategies import BatchLayout
 
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -43,7 +45,7 @@ def value_and_grad(
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     rng_argnums: int | Sequence[int] = (),
     axis_name: AxisName = None,
-    data_axis: AxisName = None,
+    data_axis: AxisName | DataAxis = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     state_argnums: int | Sequence[int] = (),
     state_policy: StatePolicy | Sequence[StatePolicy] = "sequential",
@@ -89,7 +91,8 @@ def value_and_grad(
     accumulator_dtype: the least precise dtype gradients are summed in.
     rng_argnums: PRNG key argument(s); micro-batch ``i`` gets ``fold_in(key, i)``.
     axis_name: inside ``pmap`` / ``shard_map``: the axis to reduce over.
-    data_axis: under ``jit`` over a batch sharded along this mesh axis (axes).
+    data_axis: under ``jit`` over a batch sharded along this mesh axis (axes),
+      or a :class:`jaxaccum.DataAxis` (the plan shared with ``multi_steps``).
     mesh: the mesh of ``data_axis`` (default: the ambient mesh).
     state_argnums: mutable state argument(s), such as BatchNorm statistics.
     state_policy: ``"sequential"`` or ``"mean"``, per state argument.
@@ -146,7 +149,7 @@ def grad(
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     rng_argnums: int | Sequence[int] = (),
     axis_name: AxisName = None,
-    data_axis: AxisName = None,
+    data_axis: AxisName | DataAxis = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     state_argnums: int | Sequence[int] = (),
     state_policy: StatePolicy | Sequence[StatePolicy] = "sequential",
@@ -226,7 +229,7 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
       raise ValueError(
           f"{options.describe_positions()} must name positional arguments, but the "
           f"function was called with {len(args)}")
-    devices = _data_axis.data_devices(options.data_axis, options.mesh)
+    devices = _data_axis.data_devices(options.data)
     plan = microbatch.plan(options, binding, args, kwargs, devices)
     if options.axis_name or _traced((args, kwargs)) or (
         not options.data_axis and plan.n == 1):
@@ -241,8 +244,10 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
 
 def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
   """The multi-device strategy of one call."""
-  if options.data_axis:
-    return _data_axis.DataStrategy(options.data_axis, options, plan)
+  if options.data is not None:
+    layout = BatchLayout(options.argnums, plan.positions, plan.names, plan.axes,
+                         options.aux_reduction)
+    return _data_axis.DataStrategy(options.data, options, layout)
   if options.axis_name:
     return parallel.Named(options.axis_name)
   return parallel.Local()

@@ -31,7 +31,7 @@ matching it; ``grad_specs`` the same nested as the gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -42,6 +42,24 @@ from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._devices.specs import (Axes, PyTree, axis_spec, entry_axes, entry_of, is_spec, map_specs,
                                      only, sharded_over, spec_of, to_varying, without,
                                      zeros_of_type)
+
+class BatchLayout(NamedTuple):
+  """Where one call's arguments are, as the ``shard_map`` specs need them.
+
+  Attributes:
+    argnums: the differentiated positional arguments.
+    positions: the positional arguments that hold the batch.
+    names: the keyword arguments that hold the batch.
+    axes: the batch axis of each, ``positions`` then ``names``.
+    aux_reduction: the aux reduction (a name or a pytree of them).
+  """
+
+  argnums: tuple[int, ...]
+  positions: tuple[int, ...]
+  names: tuple[str, ...]
+  axes: tuple[int, ...]
+  aux_reduction: Any
+
 
 class _Strategy:
   """What both strategies share: the specs and the FSDP mode."""
@@ -127,11 +145,11 @@ class ShardMapData(_Strategy):
   """
 
   def __init__(self, mesh, axes: Axes, fsdp_gather: str, specs: tuple,
-               argnums_is_int: bool, positions: dict, defer: bool = False):
+               argnums_is_int: bool, batch: BatchLayout, defer: bool = False):
     specs = jax.tree.map(lambda s: only(s, axes), specs, is_leaf=is_spec)
     super().__init__(axes, fsdp_gather, specs, argnums_is_int)
     self.mesh = mesh
-    self.positions = positions
+    self.batch = batch
     self.defer = defer
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -141,7 +159,7 @@ class ShardMapData(_Strategy):
     # Per-example ("concat") aux rows stay sharded like the batch; the rest
     # is reduced, the same on every device.
     aux_specs = jax.tree.map(lambda kind: batch if kind == "concat" else P(),
-                             self.positions["aux_reduction"])
+                             self.batch.aux_reduction)
     grad_specs = batch if self.defer else self.grad_specs
     kind = []  # the loop's output type, rebuilt from the tuple shard_map returns
 
@@ -158,14 +176,14 @@ class ShardMapData(_Strategy):
   def _in_specs(self, args: tuple, kwargs: dict) -> tuple:
     """Batch leaves sharded over the data axes along their batch axis,
     differentiated ones by their specs, the rest replicated over the data axes."""
-    p = self.positions
-    axes = dict(zip(tuple(p["batch_argnums"]) + tuple(p["batch_argnames"]), p["in_axes"]))
+    layout = self.batch
+    axes = dict(zip(layout.positions + layout.names, layout.axes))
 
     def batch(key, tree):
       return jax.tree.map(lambda x: P(*[None] * (axes[key] % np.ndim(x)),
                                       axis_spec(self.axes)), tree)
 
-    argnums = p["argnums"]
+    argnums = layout.argnums
     return (tuple(batch(i, a) if i in axes else self.specs[argnums.index(i)]
                   if i in argnums else P() for i, a in enumerate(args)),
             {k: batch(k, v) if k in axes else P() for k, v in kwargs.items()})

@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxaccum._core import options as _options
-from jaxaccum._devices import data_axis as _data_axis
+from jaxaccum._devices.data_axis import DataAxis
 from jaxaccum._devices import specs as _specs
 from jaxaccum._devices.deferred import DeferredGrads
 
@@ -42,46 +41,27 @@ Axes = tuple[Hashable, ...]
 
 
 class DataCycle:
-  """The data axes of one ``multi_steps``, its mesh and parameter specs.
+  """The accumulator of one ``multi_steps(data_axis=...)``: its form, its
+  placement and its one reduction a cycle.
 
-  ``mesh`` (``None``: the ambient mesh of ``jax.set_mesh``) and
-  ``param_specs`` (on Auto axes: the parameters' ``PartitionSpec`` pytree,
-  or a prefix of it; ``None``: replicated over the data axes) are read when
-  ``init`` / ``update`` trace.
+  The mesh (``None``: the ambient mesh of ``jax.set_mesh``) and the
+  parameter specs of ``data`` are read when ``init`` / ``update`` trace.
   """
 
-  def __init__(self, axes: Axes, mesh: Any, param_specs: Any):
-    self.axes = axes
-    self._mesh = mesh
-    self.param_specs = param_specs
+  def __init__(self, data: DataAxis):
+    self.data = data
+    self.axes = data.axes
 
   def mesh(self) -> Any:
     """The mesh, checked to have the data axes."""
-    mesh = jax.sharding.get_abstract_mesh() if self._mesh is None else self._mesh
-    missing = [a for a in self.axes if a not in mesh.axis_names]
-    if missing:
-      fix = ("use the mesh's axis names in data_axis=" if self._mesh is not None else
-             "pass mesh= to multi_steps or call init / update under jax.set_mesh(mesh)")
-      raise ValueError(
-          f"multi_steps(data_axis={_specs.axis_spec(self.axes)!r}) names axes {missing} "
-          f"that the mesh does not have (mesh axes: {tuple(mesh.axis_names)}); {fix}")
-    return mesh
+    return self.data.resolve_mesh("multi_steps")
 
   def explicit(self, mesh: Any) -> bool:
-    return _specs.explicit_axes(mesh, self.axes)
+    return self.data.explicit(mesh)
 
   def specs(self, tree: PyTree, mesh: Any) -> PyTree:
     """Per leaf of ``tree`` (parameters or gradients), its ``PartitionSpec``."""
-    if self.explicit(mesh):
-      return jax.tree.map(_specs.spec_of, tree)
-    if self.param_specs is None:
-      return jax.tree.map(lambda _: P(), tree)
-    try:
-      return _specs.prefix_specs(self.param_specs, tree)
-    except ValueError as e:
-      raise ValueError(
-          f"multi_steps(param_specs={self.param_specs!r}) must be a pytree prefix "
-          f"of the parameters, of structure {jax.tree.structure(tree)}") from e
+    return self.data.specs(tree, mesh)
 
   def partial_spec(self, spec: P, ndim: int) -> P:
     """The accumulator's spec for a parameter of ``spec``: data axes on a new
@@ -97,7 +77,7 @@ class DataCycle:
   def zeros(self, params: PyTree, dtype_of: Any) -> PyTree:
     """The empty accumulator for ``params``."""
     mesh = self.mesh()
-    d = _data_axis.data_devices(self.axes, mesh)
+    d = self.data.devices()
     return jax.tree.map(
         lambda p, s: self.place(jnp.zeros((d, *jnp.shape(p)), dtype_of(jnp.result_type(p))),
                                 mesh, self.partial_spec(s, jnp.ndim(p))),
@@ -189,25 +169,3 @@ class DataCycle:
         row = lax.psum_scatter(row, axis, scatter_dimension=dim, tiled=True)
     rest = tuple(a for a in self.axes if a not in _specs.sharded_over(spec, self.axes))
     return lax.psum(row, rest) if rest else row
-
-
-def data_cycle(axis_name: Any, data_axis: Any, mesh: Any, param_specs: Any) -> DataCycle | None:
-  """The validated ``data_axis`` options of ``multi_steps`` (``None`` without it)."""
-  axes = _options.axes_of("data_axis", data_axis)
-  if axes and axis_name is not None:
-    raise ValueError(f"give axis_name or data_axis, not both: {axis_name=}, {data_axis=}; "
-                     "axis_name inside pmap / shard_map, data_axis under plain jit")
-  if not axes:
-    for name, value in (("mesh", mesh), ("param_specs", param_specs)):
-      if value is not None:
-        raise ValueError(f"multi_steps({name}=...) is only used with data_axis=; "
-                         "pass data_axis= too")
-    return None
-  if mesh is not None and not hasattr(mesh, "axis_names"):
-    raise TypeError(f"multi_steps(mesh={mesh!r}) must be a jax.sharding.Mesh (or None "
-                    "for the mesh of jax.set_mesh)")
-  if not all(_specs.is_spec(s) for s in jax.tree.leaves(param_specs, is_leaf=_specs.is_spec)):
-    raise TypeError(f"multi_steps(param_specs={param_specs!r}) must be a PartitionSpec or "
-                    "a pytree of them (a prefix of the parameters), e.g. "
-                    "{'w': P('data', None), 'b': P()}")
-  return DataCycle(axes, mesh, param_specs)

@@ -9,9 +9,8 @@ a traced value it cannot honour makes the cycle's updates NaN.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,21 +19,14 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxaccum._core import dtypes as _dtypes
-from jaxaccum._core import options as _options
+from jaxaccum._core import dtypes
 from jaxaccum._devices import specs
+from jaxaccum._devices.data_axis import DataAxis
 from jaxaccum._devices.deferred import DeferredGrads
-from jaxaccum._steps.cycle import DataCycle, data_cycle
+from jaxaccum._steps import checks
+from jaxaccum._steps.config import Config, Params, ShouldSkipUpdateFn, Updates
 from jaxaccum._steps.state import MultiSteps, MultiStepsState
 
-Params = Any
-Updates = Any
-ShouldSkipUpdateFn = Callable[[Updates, jax.Array, Params | None], tuple[jax.Array, Any]]
-
-
-def _never_skip(updates, gradient_step, params):
-  del updates, gradient_step, params
-  return jnp.array(False), ()
 
 
 def multi_steps(
@@ -45,7 +37,7 @@ def multi_steps(
     *,
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
-    data_axis: Hashable | Sequence[Hashable] | None = None,
+    data_axis: Hashable | Sequence[Hashable] | DataAxis | None = None,
     mesh: Any = None,
     param_specs: Any = None,
 ) -> MultiSteps:
@@ -167,46 +159,19 @@ def multi_steps(
     >>> opt.init(params).acc_grads.shape == (jax.device_count(), 2)
     True
   """
-  _check_inner(inner)
-  _check_bool(use_grad_mean=use_grad_mean)
-  _check_skip_fn(should_skip_update_fn)
-  cfg = _Config(
-      inner=optax.with_extra_args_support(inner),
-      schedule=_schedule_of(every_k_schedule),
-      use_grad_mean=bool(use_grad_mean),
-      skip_fn=_never_skip if should_skip_update_fn is None else should_skip_update_fn,
-      shared_skip=should_skip_update_fn is not None,
-      accumulator_dtype=_dtypes.check_accumulator_dtype(accumulator_dtype),
-      axis_name=axis_name,
-      axes=_options.axes_of("axis_name", axis_name),
-      data=data_cycle(axis_name, data_axis, mesh, param_specs),
-  )
+  cfg = Config.create(
+      inner, every_k_schedule=every_k_schedule, use_grad_mean=use_grad_mean,
+      should_skip_update_fn=should_skip_update_fn, accumulator_dtype=accumulator_dtype,
+      axis_name=axis_name, data_axis=data_axis, mesh=mesh, param_specs=param_specs)
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
                 *, weight: jax.typing.ArrayLike | None = None, **extra_args):
     return _update(cfg, updates, state, params, weight, extra_args)
 
-  ms = MultiSteps(functools.partial(_init, cfg), update_fn)
-  ms.__dict__.update(inner_opt=inner, options=(cfg.use_grad_mean, cfg.accumulator_dtype,
-                                                       cfg.data))
-  return ms
+  return MultiSteps.create(functools.partial(_init, cfg), update_fn, cfg)
 
 
-class _Config(NamedTuple):
-  """``multi_steps``'s options, validated."""
-
-  inner: optax.GradientTransformationExtraArgs
-  schedule: Callable[[jax.Array], Any]
-  use_grad_mean: bool
-  skip_fn: ShouldSkipUpdateFn
-  shared_skip: bool  # devices agree on the skip decision (a user's skip_fn)
-  accumulator_dtype: Any
-  axis_name: Any
-  axes: tuple[Hashable, ...]
-  data: DataCycle | None  # with data_axis: the partial-sums accumulator
-
-
-def _init(cfg: _Config, params: Params) -> MultiStepsState:
+def _init(cfg: Config, params: Params) -> MultiStepsState:
   gradient_step = jnp.zeros([], jnp.int32)
   _, skip_state = cfg.skip_fn(optax.tree.zeros_like(params), gradient_step, params)
   return MultiStepsState(
@@ -220,25 +185,25 @@ def _init(cfg: _Config, params: Params) -> MultiStepsState:
   )
 
 
-def _zero_sums(cfg: _Config, params: Params) -> Any:
-  dtype_of = functools.partial(_dtypes.accumulator_for, cfg.accumulator_dtype)
+def _zero_sums(cfg: Config, params: Params) -> Any:
+  dtype_of = functools.partial(dtypes.accumulator_for, cfg.accumulator_dtype)
   if cfg.data is not None:
     return cfg.data.zeros(params, dtype_of)
   return jax.tree.map(lambda p: jnp.zeros_like(p, dtype_of(p.dtype)), params)
 
 
-def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
+def _update(cfg: Config, updates: Updates, state: MultiStepsState, params: Params | None,
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
-  grads = _incoming(cfg, updates, state.acc_grads)
-  _check_axes_bound(cfg.axis_name, cfg.axes)
-  k = _every_k(cfg.schedule, state.gradient_step)
+  grads = checks.incoming(cfg, updates, state.acc_grads)
+  checks.check_axes_bound(cfg.axis_name)
+  k = checks.every_k(cfg.schedule, state.gradient_step)
   skip, skip_state = cfg.skip_fn(grads, state.gradient_step, params)
-  skip = _checked_skip(skip, cfg.axes if cfg.shared_skip else ())
-  w = jnp.ones([], jnp.float32) if weight is None else _checked_weight(weight)
+  skip = checks.checked_skip(skip, cfg.axis_name if cfg.shared_skip else ())
+  w = jnp.ones([], jnp.float32) if weight is None else checks.checked_weight(weight)
   # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
   w = jnp.where(skip, jnp.zeros_like(w), w)
-  acc_grads = jax.tree.map(lambda acc, g: acc + _dtypes.scale_by_weight(g, w, acc.dtype),
+  acc_grads = jax.tree.map(lambda acc, g: acc + dtypes.scale_by_weight(g, w, acc.dtype),
                            state.acc_grads, grads)
   acc_weight = state.acc_weight + w
   mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
@@ -266,14 +231,14 @@ def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Para
   return new_updates, new_state
 
 
-def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callable,
+def _cycle_end(cfg: Config, k: jax.Array, emit: jax.Array, inner_update: Callable,
                operands: tuple[Any, jax.Array, Any], params: Params | None):
   """Where ``emit``: the inner update of the cycle's gradient, and empty sums.
 
   Elsewhere zero updates (of the inner update's dtypes and shardings) and the
   sums as they are.
   """
-  axes = cfg.axes
+  axes = cfg.axis_name
 
   def reduced(acc_grads, acc_weight):
     if axes:
@@ -287,7 +252,7 @@ def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callab
       zeros = optax.tree.zeros_like(acc_grads)
       acc_grads, acc_weight = reduced(acc_grads, acc_weight)
       if cfg.use_grad_mean:
-        acc_grads = jax.tree.map(lambda a: _dtypes.ratio(a, acc_weight), acc_grads)
+        acc_grads = jax.tree.map(lambda a: dtypes.ratio(a, acc_weight), acc_grads)
       # A schedule value the cycle cannot honour (k < 1) makes it NaN.
       acc_grads = jax.tree.map(
           lambda a: jnp.where(k < 1, jnp.full_like(a, np.nan), a), acc_grads)
@@ -331,115 +296,3 @@ def _cast_like_state(new: Any, old: Any) -> Any:
     return n
 
   return jax.tree.map(cast, new, old)
-
-
-# --- validation: what is known when tracing is an error naming the option ---
-
-
-def _check_inner(inner: Any) -> None:
-  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-    hint = " (call it: optax.adam(1e-3), not optax.adam)" if callable(inner) else ""
-    raise TypeError(f"inner={inner!r} is not an optax.GradientTransformation{hint}")
-
-
-def _check_skip_fn(should_skip_update_fn: Any) -> None:
-  if should_skip_update_fn is not None and not callable(should_skip_update_fn):
-    raise TypeError(f"{should_skip_update_fn=} is not callable; pass a function "
-                    "(updates, gradient_step, params) -> (skip, skip_state), or None")
-
-
-def _check_bool(**option: Any) -> None:
-  (name, value), = option.items()
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name}={value!r} must be True or False")
-
-
-def _schedule_of(every_k_schedule: Any) -> Callable[[jax.Array], Any]:
-  """``every_k_schedule`` as a function of ``gradient_step``, validated."""
-  name = f"every_k_schedule={every_k_schedule!r}"
-  if isinstance(every_k_schedule, (bool, np.bool_)):
-    raise TypeError(f"{name} is a bool; pass an integer >= 1 or a function of the step")
-  if isinstance(every_k_schedule, (np.ndarray, jax.Array)) and not callable(every_k_schedule):
-    if every_k_schedule.shape != () or not jnp.issubdtype(every_k_schedule.dtype, jnp.integer):
-      raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
-    every_k_schedule = int(every_k_schedule)
-  if isinstance(every_k_schedule, numbers.Integral):
-    if every_k_schedule < 1:
-      raise ValueError(f"{name} must be an integer >= 1 (calls per optimizer step)")
-    k = int(every_k_schedule)
-    return lambda step: k
-  if isinstance(every_k_schedule, numbers.Real):
-    raise TypeError(f"{name} is not an integer; pass an int >= 1, e.g. "
-                    "every_k_schedule=4, or a function of the step")
-  if not callable(every_k_schedule):
-    raise TypeError(f"{name} must be an integer >= 1 or a function of the step")
-  return every_k_schedule
-
-
-def _every_k(schedule: Callable[[jax.Array], Any], gradient_step: jax.Array) -> jax.Array:
-  """The schedule's ``k`` as int32; a static value below 1 is an error."""
-  k = schedule(gradient_step)
-  k_arr = k if isinstance(k, jax.core.Tracer) else np.asarray(k)
-  if not jnp.issubdtype(k_arr.dtype, jnp.integer):
-    raise TypeError(f"every_k_schedule returned {k!r} of dtype {k_arr.dtype}; it must "
-                    "return an integer (e.g. jnp.where(step < 10, 1, 4), not 4.0)")
-  if k_arr.shape != ():
-    raise ValueError(f"every_k_schedule returned shape {k_arr.shape}; it must return "
-                     "a scalar")
-  if isinstance(k_arr, np.ndarray) and int(k_arr) < 1:
-    raise ValueError(f"every_k_schedule returned {int(k_arr)}; it must return an "
-                     "integer >= 1 (calls per optimizer step)")
-  return jnp.asarray(k_arr).astype(jnp.int32)
-
-
-def _checked_skip(skip: Any, axes: tuple[Hashable, ...]) -> jax.Array:
-  skip = jnp.asarray(skip)
-  if (skip.dtype, skip.shape) != (jnp.bool_, ()):
-    raise ValueError(
-        "should_skip_update_fn must return a boolean scalar, got dtype "
-        f"{skip.dtype} and shape {skip.shape}")
-  if axes:
-    # Devices must agree, or only some would enter the cycle's all-reduce:
-    # a call skipped on any device is skipped on all of them.
-    skip = lax.pmax(specs.to_varying(skip.astype(jnp.int32), axes), axes) > 0
-  return skip
-
-
-def _check_structure(updates: Updates, acc_grads: Any) -> None:
-  got, want = jax.tree.structure(updates), jax.tree.structure(acc_grads)
-  if got != want:
-    raise ValueError(
-        "multi_steps: the gradients do not have the structure of the parameters "
-        f"the state was initialized with: got {got}, expected {want}; pass "
-        "gradients of the same pytree as the params given to init")
-
-
-def _check_axes_bound(axis_name: Any, axes: tuple[Hashable, ...]) -> None:
-  for a in axes:
-    try:
-      lax.axis_size(a)
-    except NameError:
-      raise ValueError(
-          f"{axis_name=} is not bound here: multi_steps(axis_name=...) is for "
-          "updates called inside jax.pmap or jax.shard_map over that axis; under "
-          "plain jax.jit over sharded arrays, leave axis_name=None") from None
-
-
-def _incoming(cfg: _Config, updates: Any, acc_grads: Any) -> Any:
-  """The call's gradients, in the accumulator's form."""
-  if isinstance(updates, DeferredGrads) and cfg.data is None:
-    raise TypeError(
-        f"multi_steps got DeferredGrads (not yet reduced over {updates.axes}) but was "
-        f"built without data_axis; pass multi_steps(..., data_axis={updates.axes!r}) "
-        "to reduce them once a cycle, or drop defer_reduction=True")
-  _check_structure(updates.partials if isinstance(updates, DeferredGrads) else updates,
-                   acc_grads)
-  return updates if cfg.data is None else cfg.data.partials(updates, acc_grads)
-
-
-def _checked_weight(weight: Any) -> jax.Array:
-  """``weight`` as float32; a static NaN, infinite or negative one is an error, a traced
-  one becomes NaN (see ``multi_steps``)."""
-  _dtypes.check_static_weight(weight)
-  return _dtypes.checked_weight(weight, "weight").astype(jnp.float32)
-

@@ -68,10 +68,24 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     (True, False)
   """
 
+  @classmethod
+  def create(cls, init: Any, update: Any, config: Any) -> MultiSteps:
+    """The transformation, holding its validated options (a
+    :class:`jaxaccum._steps.config.Config`)."""
+    ms = cls(init, update)
+    # A NamedTuple's fields are init and update: the options ride beside them.
+    ms.__dict__["config"] = config
+    return ms
+
+  @property
+  def config(self) -> Any:
+    """The validated options of :func:`jaxaccum.multi_steps`."""
+    return self.__dict__["config"]
+
   @property
   def inner_opt(self) -> optax.GradientTransformation:
     """The inner optimizer, as given to :func:`jaxaccum.multi_steps`."""
-    return self.__dict__["inner_opt"]
+    return self.config.inner_opt
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     """Same as :func:`jaxaccum.has_updated`."""
@@ -99,7 +113,9 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     """
     mini_step = jnp.asarray(optax_state.mini_step, jnp.int32)
     count = mini_step.astype(jnp.float32)
-    use_grad_mean, accumulator_dtype, data = self.__dict__["options"]
+    config = self.config
+    use_grad_mean, accumulator_dtype, data = (config.use_grad_mean,
+                                              config.accumulator_dtype, config.data)
 
     def to_sum(acc):
       acc = acc.astype(dtypes.accumulator_for(accumulator_dtype, acc.dtype))

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxaccum._core import accumulate
 from jaxaccum._core import microbatch
+from jaxaccum._core import checks
 from jaxaccum._core import options as _options
 from jaxaccum._devices import data_axis as _data_axis
 
@@ -134,7 +135,7 @@ def plan_microbatches(
     raise ValueError(
         f"the batch (batch_argnums={opts.batch_argnums}) has leading size 0: there "
         "are no rows to split, so no number of micro-batches to plan")
-  devices = _data_axis.data_devices(opts.data_axis, opts.mesh)
+  devices = _data_axis.data_devices(opts.data)
   if size % devices:
     raise ValueError(
         f"batch size {size} is not divisible by the {devices} devices of "
@@ -198,7 +199,7 @@ def plan_step(
     1
   """
   try:
-    positive = _options.index("batch_size", batch_size) >= 1
+    positive = checks.index("batch_size", batch_size) >= 1
   except TypeError:
     raise TypeError(f"batch_size must be a positive int, got {batch_size=!r}") from None
   if not positive:
