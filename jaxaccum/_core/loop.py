@@ -22,12 +22,11 @@ from jax.extend import core as jex_core
 
 from jaxaccum._core import dtypes as _dtypes
 from jaxaccum._core import microbatch as _microbatch
-from jaxaccum._devices import parallel
-from jaxaccum._core import reducers as _reducers
-from jaxaccum._devices import specs
 from jaxaccum._core import stats as _stats
 from jaxaccum._core.microbatch import Micro, Plan
 from jaxaccum._core.options import Options
+from jaxaccum._core.reducers import Accumulator, Totals
+from jaxaccum._devices import parallel, specs
 
 PyTree = Any
 
@@ -89,30 +88,25 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
   with jax.named_scope("jaxaccum/microbatch"):
     if plan.n == 1:
       like, seq_states = step(jnp.zeros([], jnp.int32), batch, seq_init)
-      kinds = _reducers.aux_kinds(options.aux_reduction, like.aux, rows)
-      reducers = _reducers.build(options, kinds, mean_inputs)
-      sums, stacked = _contribution(reducers, kinds, strategy, like)
+      acc = Accumulator.build(options, like, rows, mean_inputs)
+      sums, stacked = _contribution(acc, strategy, like)
       stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], stacked)
     else:
       strided = _microbatch.stride(batch, plan)
       traced, like, seq_like = _trace_once(step, strided, plan, seq_init)
-      kinds = _reducers.aux_kinds(options.aux_reduction, like.aux, rows)
-      reducers = _reducers.build(options, kinds, mean_inputs)
+      acc = Accumulator.build(options, like, rows, mean_inputs)
       sums, seq_states, stacked = _scan(
-          lambda m: _contribution(reducers, kinds, strategy, m), strategy, traced,
+          lambda m: _contribution(acc, strategy, m), strategy, traced,
           strided, plan, _like(seq_init, seq_like), like, real)
   with jax.named_scope("jaxaccum/reduce"):
-    return _reduce(options, plan, strategy, reducers, kinds, sums, seq_states, stacked,
-                   like, rows, real)
+    return _reduce(options, acc, strategy, plan.n, (sums, seq_states, stacked), real)
 
 
-def _contribution(reducers: dict, kinds: tuple, strategy: parallel.Strategy, m: Micro):
+def _contribution(acc: Accumulator, strategy: parallel.Strategy, m: Micro):
   """What micro-batch ``m`` adds to the sums, and its stacked aux leaves."""
-  sums = {name: r.contribute(m) for name, r in reducers.items()}
-  sums["grads"] = strategy.gradients(sums["grads"])
-  aux = jax.tree.leaves(m.aux)
-  return strategy.carry(sums), {i: aux[i] for i, k in enumerate(kinds)
-                                if k in ("stack", "concat")}
+  sums = acc.contribute(m)
+  sums = sums._replace(grads=strategy.gradients(sums.grads))
+  return strategy.carry(sums), acc.stack(m)
 
 
 def _trace_once(step: Callable[..., Any], strided: _microbatch.Batch, plan: Plan,
@@ -174,30 +168,32 @@ def _like(tree: PyTree, shapes: PyTree) -> PyTree:
                       tree, shapes)
 
 
-def _reduce(options: Options, plan: Plan, strategy: parallel.Strategy, reducers: dict,
-            kinds: tuple, sums: dict, seq_states: tuple, stacked: dict, like: Micro,
-            rows: int, real: Any) -> Outputs:
-  """The one cross-device reduction, then every reducer's ``finalize``."""
+def _reduce(options: Options, acc: Accumulator, strategy: parallel.Strategy, n: int,
+            loop_out: tuple, real: Any) -> Outputs:
+  """The one cross-device reduction, then the accumulator's ``finalize``
+  (``n``: the micro-batches per device, ``real`` those computed)."""
+  sums, seq_states, stacked = loop_out
+  kinds = acc.kinds
   concat = {i: _microbatch.unstride(stacked.pop(i)) for i in list(stacked)
             if kinds[i] == "concat"}
-  grads = sums.pop("grads")
-  (sums, seq_states, stacked), grads = strategy.reduce((sums, seq_states, stacked), grads)
-  sums["grads"] = grads
+  (others, seq_states, stacked), grads = strategy.reduce(
+      (sums._replace(grads=None), seq_states, stacked), sums.grads)
+  sums = others._replace(grads=grads)
   devices = strategy.num_devices()
-  n = plan.n if real is None else real
-  totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1)
-  done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
-  summed = done.get("aux", {})
+  count = n if real is None else real
+  totals = Totals(sums, count * devices, devices, acc.like, n * devices == 1)
+  done = acc.finalize(totals)
+  summed = done.aux or {}
   aux = [summed[i] if i in summed else concat[i] if i in concat
          else _device_mean(stacked[i], devices) for i in range(len(kinds))]
-  states = _states(options, seq_states, done.get("mean_states", {}), devices)
-  stats = _make_stats(totals, n, rows) if options.with_stats else None
-  outputs = Outputs(done["value"], jax.tree.structure(like.aux).unflatten(aux), states,
-                    strategy.result(done["grads"]), stats)
+  states = _states(options, seq_states, done.mean_states or {}, devices)
+  stats = _make_stats(totals, count, acc.rows) if options.with_stats else None
+  outputs = Outputs(done.value, jax.tree.structure(acc.like.aux).unflatten(aux), states,
+                    strategy.result(done.grads), stats)
   if real is None or isinstance(real, int):
     return outputs
   # A traced count the loop cannot honour leaves no plausible number behind.
-  valid = jnp.logical_and(real >= 1, real <= plan.n)
+  valid = jnp.logical_and(real >= 1, real <= n)
   return jax.tree.map(lambda x: jnp.where(valid, x, jnp.full_like(x, np.nan))
                       if _dtypes.is_float(x) else x, outputs)
 
@@ -228,19 +224,19 @@ def _states(options: Options, seq_states: tuple, means: dict, devices: int) -> t
   return tuple(out)
 
 
-def _make_stats(totals: _reducers.Totals, n: Any, rows: int) -> _stats.AccumulationStats:
+def _make_stats(totals: Totals, n: Any, rows: int) -> _stats.AccumulationStats:
   """The noise-scale statistics from the reduced sums (``rows``: of a micro-batch
   on one device)."""
   sums, devices = totals.sums, totals.devices
-  counts = sums["counts"]
-  small_sq = _dtypes.ratio(sums["sq_norm"], counts["sampled"])
-  big_sq = _stats.sq_norm(jax.tree.map(totals.mean, sums["grads"]))
+  counts = sums.counts
+  small_sq = _dtypes.ratio(sums.sq_norm, counts.sampled)
+  big_sq = _stats.sq_norm(jax.tree.map(totals.mean, sums.grads))
   b_small = jnp.asarray(rows, jnp.int32)
-  b_big = b_small.astype(jnp.float32) * counts["sampled"]
+  b_big = b_small.astype(jnp.float32) * counts.sampled
   g2, trace, scale = _stats.noise_estimates(small_sq, big_sq, b_small, b_big)
   return _stats.AccumulationStats(
       microbatch_sq_norm=small_sq, grad_sq_norm=big_sq, sq_norm_estimate=g2,
       trace_estimate=trace, noise_scale=scale, microbatch_size=b_small,
       num_microbatches=jnp.asarray(n, jnp.int32),
       effective_batch_size=b_small * jnp.asarray(n, jnp.int32) * devices,
-      num_skipped=counts["skipped"].astype(jnp.int32))
+      num_skipped=counts.skipped.astype(jnp.int32))

@@ -4,9 +4,10 @@ Like optax's ``microbatching.Accumulator``, each quantity the loop
 accumulates is one small piece: ``contribute(micro)`` is what a micro-batch
 adds to its running sum (the zeros come from its shape), and
 ``finalize(total, totals)`` turns the sum, reduced across devices, into the
-result. ``stack(micro)`` gives what the loop stacks instead of summing
-(per-micro-batch and per-example aux). The loop builds only the reducers the
-options turn on.
+result. :class:`Accumulator` holds the reducers the options turn on, built
+once from the first micro-batch's shapes: the loop adds up its
+``contribute`` (a :class:`Sums`) and, after the one cross-device reduction,
+calls its ``finalize``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,47 @@ from jaxaccum._core.options import Options
 PyTree = Any
 
 
+class Sums(NamedTuple):
+  """What the loop sums, one field per quantity (``None`` where it is off).
+
+  Attributes:
+    value: the (weighted) loss.
+    grads: the (weighted) gradients.
+    weight: the weights (``weight_fn`` or ``skip_nonfinite``).
+    counts: :class:`Counts` (states, skipping, statistics).
+    aux: the ``"mean"`` and ``"sum"`` aux leaves, by leaf index.
+    mean_states: the states of the ``"mean"`` policy.
+    sq_norm: the micro-batch gradients' squared norms (statistics).
+  """
+
+  value: Any
+  grads: Any
+  weight: Any = None
+  counts: Any = None
+  aux: Any = None
+  mean_states: Any = None
+  sq_norm: Any = None
+
+
+class Counts(NamedTuple):
+  """Micro-batches kept, sampled (kept, of positive weight) and skipped.
+
+  Attributes:
+    kept: kept micro-batches.
+    sampled: gradient samples of the statistics (``None`` if unused).
+    skipped: micro-batches of positive weight left out (``None`` if unused).
+  """
+
+  kept: Any
+  sampled: Any = None
+  skipped: Any = None
+
+
 class Totals(NamedTuple):
   """What every reducer's ``finalize`` may read.
 
   Attributes:
-    sums: every reducer's reduced sum, by name.
+    sums: the reduced :class:`Sums`.
     count: micro-batches summed over all devices, ``N * D`` (``n * D`` with
       ``num_real_microbatches=n``).
     devices: devices whose sums were added, ``D``.
@@ -39,7 +76,7 @@ class Totals(NamedTuple):
     single: whether there was one micro-batch on one device.
   """
 
-  sums: dict[str, Any]
+  sums: Sums
   count: Any
   devices: int
   like: Micro
@@ -47,7 +84,7 @@ class Totals(NamedTuple):
 
   def mean(self, total: jax.Array) -> jax.Array:
     """``total`` over the weights' sum (else ``N * D``); zero for zero weight."""
-    weight = self.sums.get("weight")
+    weight = self.sums.weight
     if weight is None and isinstance(self.count, int):
       # A static count is never zero: a plain division, as a hand-written loop.
       return total / jnp.asarray(self.count, total.dtype)
@@ -58,16 +95,16 @@ class Totals(NamedTuple):
     """The single micro-batch's own ``x`` as a weighted mean: ``w * x / w`` can
     differ from ``x`` in the last bit, so ``x`` itself (zero for zero weight,
     NaN for a NaN weight)."""
-    w = self.sums["weight"]
+    w = self.sums.weight
     return jnp.where(jnp.isnan(w), jnp.full_like(x, np.nan),
                      jnp.where(w != 0, x, jnp.zeros_like(x)))
 
   def nan_if_all_skipped(self, x: jax.Array) -> jax.Array:
     """NaN where ``skip_nonfinite`` left out every weighted micro-batch."""
-    counts = self.sums.get("counts")
-    if "weight" not in self.sums or counts is None or "skipped" not in counts:
+    counts = self.sums.counts
+    if self.sums.weight is None or counts is None or counts.skipped is None:
       return x
-    none_kept = jnp.logical_and(self.sums["weight"] == 0, counts["skipped"] > 0)
+    none_kept = jnp.logical_and(self.sums.weight == 0, counts.skipped > 0)
     return jnp.where(none_kept, jnp.full_like(x, np.nan), x)
 
 
@@ -130,10 +167,9 @@ def counts(options: Options) -> Reducer:
   """Kept, sampled and skipped micro-batches (for states, skipping, statistics)."""
 
   def contribute(m):
-    out = {"kept": m.kept}
     if options.skip_nonfinite or options.with_stats:
-      out.update(sampled=m.sampled, skipped=m.skipped)
-    return out
+      return Counts(m.kept, m.sampled, m.skipped)
+    return Counts(m.kept)
 
   return Reducer(contribute, lambda total, totals: total)
 
@@ -183,7 +219,7 @@ def mean_states(options: Options, inputs: dict[int, PyTree]) -> Reducer:
                  for p in positions)
 
   def finalize(total, totals):
-    kept = totals.sums["counts"]["kept"]
+    kept = totals.sums.counts.kept
     return {p: jax.tree.map(lambda s, x: _state_mean(s, kept, x), t, inputs[p])
             for p, t in zip(positions, total)}
 
@@ -226,18 +262,47 @@ def aux_kinds(spec: Any, aux: PyTree, rows: int) -> tuple[str, ...]:
   return tuple(kinds)
 
 
-def build(options: Options, kinds: tuple[str, ...],
-          mean_inputs: dict[int, PyTree]) -> dict[str, Reducer]:
-  """The reducers these options turn on, by name."""
-  reducers = {"value": value(options), "grads": grads(options)}
-  if options.weighted:
-    reducers["weight"] = weight()
-  if options.skip_nonfinite or options.with_stats or mean_inputs:
-    reducers["counts"] = counts(options)
-  if any(k in ("mean", "sum") for k in kinds):
-    reducers["aux"] = aux(kinds)
-  if mean_inputs:
-    reducers["mean_states"] = mean_states(options, mean_inputs)
-  if options.with_stats:
-    reducers["sq_norm"] = sq_norm()
-  return reducers
+class Accumulator(NamedTuple):
+  """The reducers of one accumulated function, as one object.
+
+  Attributes:
+    reducers: a :class:`Sums` of :class:`Reducer` (``None`` where off).
+    kinds: each aux leaf's reduction.
+    like: the first micro-batch's :class:`Micro` (shapes and dtypes).
+    rows: the rows of a micro-batch on one device.
+  """
+
+  reducers: Sums
+  kinds: tuple[str, ...]
+  like: Micro
+  rows: int
+
+  @classmethod
+  def build(cls, options: Options, like: Micro, rows: int,
+            mean_inputs: dict[int, PyTree]) -> Accumulator:
+    """The reducers these options turn on, for micro-batches like ``like``."""
+    kinds = aux_kinds(options.aux_reduction, like.aux, rows)
+    on = lambda flag, make: make() if flag else None  # noqa: E731
+    reducers = Sums(
+        value=value(options), grads=grads(options),
+        weight=on(options.weighted, weight),
+        counts=on(options.skip_nonfinite or options.with_stats or mean_inputs,
+                  lambda: counts(options)),
+        aux=on(any(k in ("mean", "sum") for k in kinds), lambda: aux(kinds)),
+        mean_states=on(mean_inputs, lambda: mean_states(options, mean_inputs)),
+        sq_norm=on(options.with_stats, sq_norm))
+    return cls(reducers, kinds, like, rows)
+
+  def contribute(self, m: Micro) -> Sums:
+    """What micro-batch ``m`` adds to the sums."""
+    return Sums(*(None if r is None else r.contribute(m) for r in self.reducers))
+
+  def stack(self, m: Micro) -> dict[int, Any]:
+    """The aux leaves of micro-batch ``m`` that are stacked, not summed."""
+    aux = jax.tree.leaves(m.aux)
+    return {i: aux[i] for i, k in enumerate(self.kinds) if k in ("stack", "concat")}
+
+  def finalize(self, totals: Totals) -> Sums:
+    """Every reduced sum as its result."""
+    return Sums(*(None if r is None else r.finalize(t, totals)
+                  for r, t in zip(self.reducers, totals.sums)))
