@@ -331,3 +331,20 @@ class Options:
         ("argnums", self.argnums), ("rng_argnums", self.rng_argnums),
         ("state_argnums", self.state_argnums)) if nums}
     return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+ENTRY_POINTS = {VG: "`value_and_grad`, `grad`", NNX: "`nnx.value_and_grad`, `nnx.grad`",
+                MS: "`multi_steps`"}
+
+
+def markdown_table() -> str:
+  """The option table of ``docs/options.md``, from :data:`OPTIONS`."""
+  def shown(default):
+    if default is REQUIRED:
+      return "(required)"
+    return "`jnp.float32`" if default is jnp.float32 else f"`{default!r}`"
+
+  rows = ["| option | default | what it does | taken by |", "|---|---|---|---|"]
+  rows += [f"| `{o.name}` | {shown(o.default)} | {o.doc} | "
+           f"{', '.join(ENTRY_POINTS[t] for t in o.takers)} |" for o in OPTIONS.values()]
+  return "\n".join(rows)

@@ -31,22 +31,23 @@ class Sums(NamedTuple):
   """What the loop sums, one field per quantity (``None`` where it is off).
 
   Attributes:
-    value: the (weighted) loss.
-    grads: the (weighted) gradients.
-    weight: the weights (``weight_fn`` or ``skip_nonfinite``).
-    counts: :class:`Counts` (states, skipping, statistics).
     aux: the ``"mean"`` and ``"sum"`` aux leaves, by leaf index.
+    counts: :class:`Counts` (states, skipping, statistics).
+    grads: the (weighted) gradients.
     mean_states: the states of the ``"mean"`` policy.
     sq_norm: the micro-batch gradients' squared norms (statistics).
+    value: the (weighted) loss.
+    weight: the weights (``weight_fn`` or ``skip_nonfinite``).
   """
 
-  value: Any
-  grads: Any
-  weight: Any = None
-  counts: Any = None
+  # In this order, the carry's leaves keep the order XLA has been measured on.
   aux: Any = None
+  counts: Any = None
+  grads: Any = None
   mean_states: Any = None
   sq_norm: Any = None
+  value: Any = None
+  weight: Any = None
 
 
 class Counts(NamedTuple):
