@@ -29,7 +29,7 @@ from jaxaccum._tools.noise_scale import NoiseScaleSmoother, NoiseScaleState, noi
 from jaxaccum._tools.planner import MicrobatchPlan, plan_microbatches, plan_step
 from jaxaccum._core.stats import AccumulationStats
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AccumulationStats",

@@ -29,23 +29,6 @@ def is_float(x: Any) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
 
 
-def check_accumulator_dtype(accumulator_dtype: Any) -> jnp.dtype | None:
-  """Validates ``accumulator_dtype`` (``None`` or a floating dtype)."""
-  if accumulator_dtype is None:
-    return None
-  try:
-    dtype = jnp.dtype(accumulator_dtype)
-  except TypeError as e:
-    raise TypeError(
-        f"{accumulator_dtype=} is not a dtype; pass a floating dtype such as "
-        "jnp.float32, or None to sum in each gradient's own dtype") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f"{accumulator_dtype=} is not a floating dtype: gradients summed in it "
-        "would be truncated; pass jnp.float32 (the default), jnp.float64, or None")
-  return dtype
-
-
 def accumulator_for(accumulator_dtype: Any, dtype: Any) -> jnp.dtype:
   """The dtype to sum gradients of ``dtype`` in: at least ``accumulator_dtype``.
 
