@@ -58,6 +58,12 @@ def _data_axis(name: str, value: Any) -> Any:
   return value if isinstance(value, DataAxis) else checks.axes(name, value)
 
 
+def _in_data_axis(name: str, value: Any) -> Any:
+  """Checked by :class:`DataAxis`, after the rule that it needs ``data_axis``."""
+  del name
+  return value
+
+
 def _state_policy(name: str, value: Any) -> tuple[str, ...] | str:
   if isinstance(value, str):
     return checks.choice(name, value, STATE_POLICIES)
@@ -97,7 +103,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("data_axis", None, _data_axis,
            "under plain `jit`: the mesh axis (axes) the batch is sharded over, or a "
            "`jaxaccum.DataAxis`", (VG, NNX, MS)),
-    Option("mesh", None, checks.mesh, "the mesh of `data_axis` (default: `jax.set_mesh`'s)",
+    Option("mesh", None, _in_data_axis, "the mesh of `data_axis` (default: `jax.set_mesh`'s)",
            (VG, NNX, MS)),
     Option("state_argnums", (), checks.argnums,
            "mutable state argument(s), such as BatchNorm statistics", (VG,)),
@@ -109,7 +115,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "leave out micro-batches with a non-finite loss or gradient"),
     Option("fsdp_gather", "once", checks.one_of(FSDP_GATHER),
            "`\"once\"` or `\"per_microbatch\"`: when FSDP parameters are gathered"),
-    Option("param_specs", None, checks.param_specs,
+    Option("param_specs", None, _in_data_axis,
            "on Auto mesh axes: the parameters' `PartitionSpec` pytree (or a prefix)",
            (VG, NNX, MS)),
     Option("defer_reduction", False, checks.boolean,
