@@ -38,7 +38,7 @@ def multi_steps(
     accumulator_dtype: jax.typing.DTypeLike | None = jnp.float32,
     axis_name: Hashable | Sequence[Hashable] | None = None,
     data_axis: Hashable | Sequence[Hashable] | DataAxis | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     param_specs: Any = None,
 ) -> MultiSteps:
   """Accumulates gradients over ``k`` calls; the inner optimizer runs once.
@@ -110,8 +110,9 @@ def multi_steps(
       this axis only on the cycle's last call.
     data_axis: for training steps under plain ``jax.jit`` over a batch
       sharded along this mesh axis (or tuple of axes, e.g. HSDP's
-      ``("replica", "data")``): see above. The name must match the gradient
-      function's ``data_axis``.
+      ``("replica", "data")``), or a :class:`jaxaccum.DataAxis`: see above.
+      The name must match the gradient function's ``data_axis``: give both
+      the same ``DataAxis`` to configure them once.
     mesh: with ``data_axis``, the ``jax.sharding.Mesh``; ``None``: the mesh
       set with ``jax.set_mesh`` when ``init`` and ``update`` run.
     param_specs: with ``data_axis`` on Auto mesh axes, the parameters'
