@@ -243,10 +243,10 @@ def test_tensor_parallel_under_shard_map_is_not_gathered(layout, defer):
   specs = {**specs, "b1": P("model")}
   params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
   batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-  step = jax.jit(jaxaccum.value_and_grad(sharded_loss, num_microbatches=N,
-                                         data_axis="data", defer_reduction=defer))
+  step = jax.jit(jaxaccum.value_and_grad(sharded_loss, num_microbatches=N, data_axis="data",
+                                         mesh=mesh, defer_reduction=defer))
+  value, grads = step(params, batch)  # mesh= alone, no jax.set_mesh
   with jax.set_mesh(mesh):
-    value, grads = step(params, batch)
     counts = jaxaccum.count_collectives(step, params, batch)
     plain = jaxaccum.count_collectives(jax.jit(jax.value_and_grad(sharded_loss)),
                                        params, batch)

@@ -286,7 +286,7 @@ def _others_kept(mesh: Any, axes: Axes, others: tuple, body: Callable[..., Any],
   """``shard_map(body)`` manual over ``axes``, the Explicit axes ``others``
   kept as the arguments and outputs are sharded over them.
 
-  jax 0.10.2's ``shard_map`` takes an Explicit axis it leaves automatic as
+  jax 0.10.1 and 0.10.2's ``shard_map`` take an Explicit axis it leaves automatic as
   replicated at its boundary (it all-gathers every array sharded over it, in
   and out), where an Auto axis is left open. So the boundary sees ``others``
   as Auto axes, and ``body`` runs with them Explicit again, each argument in
@@ -302,16 +302,18 @@ def _others_kept(mesh: Any, axes: Axes, others: tuple, body: Callable[..., Any],
       return out
     return jax.sharding.explicit_axes(typed, axes=others, in_sharding=kept)(*tree)
 
+  # Under the mesh (given as mesh=, maybe without jax.set_mesh), specs name its axes.
   abstract = getattr(mesh, "abstract_mesh", mesh)
   auto = abstract.update_axis_types({a: jax.sharding.AxisType.Auto for a in others})
-  with _compat.use_abstract_mesh(auto):
-    tree = jax.tree.map(lambda x: jax.sharding.reshard(x, only(spec_of(x), axes)), tree)
-    out = jax.shard_map(explicit_body, in_specs=in_specs, out_specs=out_specs,
-                        axis_names=frozenset(axes))(*tree)
-  outer = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), out_specs, out,
-                       is_leaf=is_spec)
-  return jax.tree.map(lambda o, i, x: jax.sharding.reshard(x, _merged(o, i, np.ndim(x))),
-                      outer, inner[0], out, is_leaf=is_spec)
+  with _compat.use_abstract_mesh(abstract):
+    with _compat.use_abstract_mesh(auto):
+      tree = jax.tree.map(lambda x: jax.sharding.reshard(x, only(spec_of(x), axes)), tree)
+      out = jax.shard_map(explicit_body, in_specs=in_specs, out_specs=out_specs,
+                          axis_names=frozenset(axes))(*tree)
+    outer = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), out_specs, out,
+                         is_leaf=is_spec)
+    return jax.tree.map(lambda o, i, x: jax.sharding.reshard(x, _merged(o, i, np.ndim(x))),
+                        outer, inner[0], out, is_leaf=is_spec)
 
 
 def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:

@@ -137,10 +137,9 @@ class DataCycle:
     arrays sharded over it), on Auto axes those ``specs`` name (XLA gathers
     the operand of a collective over the automatic axes)."""
     if not self.explicit(mesh):
-      named = jax.tree.leaves(jax.tree.map(
-          lambda s: tuple(a for e in s for a in _specs.entry_axes(e)), specs,
-          is_leaf=_specs.is_spec))
-      return frozenset(self.axes) | frozenset(named)
+      named = {a for s in jax.tree.leaves(specs, is_leaf=_specs.is_spec)
+               for e in s for a in _specs.entry_axes(e)}
+      return frozenset(self.axes) | named
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
 
