@@ -21,6 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxaccum
 from _models import assert_rel_close, standard_promotion
+from jaxaccum import _compat
 from jaxaccum._devices import specs as _specs
 
 K = 2  # calls per cycle
@@ -220,6 +221,10 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   # gradient function itself does, no gradient reduction; and no call
   # gathers more than the loss under plain jit (no tensor-parallel dimension).
   assert_collectives(_by_kind(step_counts, "in_conditionals"), EXPECTED[layout], step_counts)
+  if axis_type == "Explicit" and "model" in mesh.axis_names and not _compat.has_reduced_specs():
+    # jax 0.7 gathers the activations over "model" in the loss's backward pass
+    # under shard_map (docs/sharded.md, "What jax gathers by itself").
+    return
   accumulating, completing = PER_CALL[layout]
   assert per_call(step_counts, completing=False) == accumulating, step_counts
   assert per_call(step_counts, completing=True) == completing, step_counts
