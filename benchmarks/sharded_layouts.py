@@ -1,6 +1,6 @@
 """Collectives, bytes and compiled memory per sharded layout, on 8 CPU devices.
 
-For each layout (DDP, FSDP, TP, HSDP), mesh axis type and ``fsdp_gather``
+For each layout (DDP, FSDP, TP, HSDP, FSDP + TP), mesh axis type and ``fsdp_gather``
 mode, compiles ``jaxaccum.value_and_grad(..., data_axis=...)`` and, for
 comparison, plain GSPMD (a ``jit`` scan over micro-batches without
 ``data_axis``), and prints the collectives inside / outside the micro-batch
@@ -31,6 +31,8 @@ LAYOUTS = {
     "TP": ((4, 2), ("data", "model"), "data", {"w1": P(None, "model"), "w2": P("model", None)}),
     "HSDP": ((2, 4), ("replica", "shard"), ("replica", "shard"),
              {"w1": P("shard", None), "w2": P("shard", None)}),
+    "FSDP+TP": ((4, 2), ("data", "model"), "data",
+                {"w1": P("data", "model"), "w2": P("model", "data")}),
 }
 
 
@@ -98,7 +100,7 @@ def main() -> None:
   size = 4 * (128 * args.hidden + args.hidden * 8)
   print(f"parameters: {size:,} bytes (float32); batch {BATCH}, N={N}, 8 CPU devices")
   for layout in LAYOUTS:
-    modes = ("once", "per_microbatch") if layout in ("FSDP", "HSDP") else ("once",)
+    modes = ("once", "per_microbatch") if "SDP" in layout else ("once",)
     for axis_type in ("Explicit", "Auto"):
       for mode in modes:
         print(measure(layout, axis_type, mode, args.hidden))

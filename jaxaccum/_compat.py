@@ -12,6 +12,8 @@ The rest of the package calls these names instead of the moving jax APIs:
   ``copy`` option.
 * :data:`enable_x64`: ``jax.enable_x64`` (jax >= 0.8), else
   ``jax.experimental.enable_x64`` (deprecated in 0.8, removed in 0.9).
+* :data:`use_abstract_mesh`: ``jax.sharding.use_abstract_mesh`` (public from
+  jax 0.8 on), else ``None``.
 * :func:`has_reduced_specs`: whether ``PartitionSpec(reduced=..., unreduced=...)``
   shardings work (jax >= 0.8), for code that must fall back where they do not.
 
@@ -68,6 +70,10 @@ def _enable_x64():
 
 enable_x64 = _enable_x64()
 """Context manager: ``with enable_x64(True):`` computes in 64 bits inside."""
+
+use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None)
+"""Context manager: ``with use_abstract_mesh(mesh):`` traces under ``mesh``'s
+axis types; ``None`` where this jax does not export it."""
 
 
 @functools.cache

@@ -1,14 +1,16 @@
 """``multi_steps(data_axis=...)`` under plain ``jax.jit``, on 8 simulated CPU devices.
 
-For each layout (data parallel, FSDP, tensor parallel, HSDP) on Explicit and
+For each layout (data parallel, FSDP, tensor parallel, HSDP, FSDP + tensor
+parallel) on Explicit and
 Auto meshes, a training step takes the gradients of
 ``jaxaccum.value_and_grad(..., defer_reduction=True)``
 (:class:`jaxaccum.DeferredGrads`) and ``multi_steps`` reduces them once per
 cycle: the parameters equal the inner optimizer run once per cycle on the
 full batch of all ``k`` calls' rows on one device; updates and state keep
-the parameters' sharding; and the compiled update runs no collective on the
+the parameters' sharding; the compiled update runs no collective on the
 ``k - 1`` accumulating calls and, on the completing call, exactly the
-reduction the layout needs, inside the conditional.
+reduction the layout needs, inside the conditional; and no call of the
+training step all-gathers more than the loss under plain ``jit`` does.
 """
 
 import jax
@@ -19,6 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxaccum
 from _models import assert_rel_close, standard_promotion
+from jaxaccum import _compat
 from jaxaccum._devices import specs as _specs
 
 K = 2  # calls per cycle
@@ -34,6 +37,8 @@ LAYOUTS = {
     "TP": ((4, 2), ("data", "model"), ("data",), {"w1": P(None, "model"), "w2": P("model", None)}),
     "HSDP": ((2, 4), ("replica", "shard"), ("replica", "shard"),
              {"w1": P("shard", None), "w2": P("shard", None)}),
+    "FSDP+TP": ((4, 2), ("data", "model"), ("data",),
+                {"w1": P("data", "model"), "w2": P("model", "data")}),
 }
 
 # layout -> the completing call's collectives in the update (kind: (count,
@@ -41,13 +46,34 @@ LAYOUTS = {
 # none. The gradients are 3072 B; FSDP reduce-scatters them into the
 # parameters' shards (2 leaves), tensor parallel all-reduces each device's
 # half (1536 B), HSDP reduce-scatters over "shard" and all-reduces the shard
-# (768 B) over "replica". The rest (4 or 8 B) are the partial sums of the
-# global norm that clip_by_global_norm takes of sharded gradients.
+# (768 B) over "replica", FSDP + TP reduce-scatters each device's half over
+# "data" (1536 B, no gather over "model"). The rest (4 to 16 B) are the
+# partial sums of the global norm that clip_by_global_norm takes of sharded
+# gradients.
 EXPECTED = {
     "DDP": {"all_reduce": (1, 3072)},
     "FSDP": {"reduce_scatter": (2, 3072), "all_reduce": (1, 8)},
     "TP": {"all_reduce": (2, 1544)},
     "HSDP": {"reduce_scatter": (2, 3072), "all_reduce": (2, 776)},
+    "FSDP+TP": {"reduce_scatter": (2, 1536), "all_reduce": (3, 16)},
+}
+
+# layout -> what one call of the whole training step communicates (kind:
+# bytes per device, the micro-batch loop's N times), on both axis types:
+# (the k - 1 accumulating calls, the completing call). The accumulating
+# calls run the gradient function's own collectives only: the loss value
+# (4 B), tensor parallelism's activations (256 B), FSDP's parameter gathers,
+# which the loss under plain jit runs too; the completing call adds the
+# reduction of EXPECTED.
+PER_CALL = {
+    "DDP": ({"all_reduce": 4}, {"all_reduce": 3076}),
+    "FSDP": ({"all_reduce": 4, "all_gather": 3072},
+             {"all_reduce": 12, "reduce_scatter": 3072, "all_gather": 3072}),
+    "TP": ({"all_reduce": 260}, {"all_reduce": 1804}),
+    "HSDP": ({"all_reduce": 4, "all_gather": 3072},
+             {"all_reduce": 780, "reduce_scatter": 3072, "all_gather": 3072}),
+    "FSDP+TP": ({"all_reduce": 260, "all_gather": 1536},
+                {"all_reduce": 276, "reduce_scatter": 1536, "all_gather": 1536}),
 }
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "collective_permute")
 
@@ -120,6 +146,14 @@ def every_call(counts):
   return {k: v for k, v in left.items() if v != (0, 0)}
 
 
+def per_call(counts, completing):
+  """Bytes (kind: bytes) one call runs: the loop's N times, what runs outside
+  the conditional, and on the completing call the conditional's too."""
+  out = {k: N * getattr(counts.bytes.inside_loops, k) + getattr(counts.bytes.outside_loops, k)
+         - (0 if completing else getattr(counts.bytes.in_conditionals, k)) for k in KINDS}
+  return {k: b for k, b in out.items() if b}
+
+
 def assert_collectives(got, expected, counts):
   """The same kinds and bytes; the same counts, where XLA combines the
   all-reduces of all leaves (older XLA versions leave some split: more ops,
@@ -171,6 +205,8 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
     update_counts = jaxaccum.count_collectives(
         jax.jit(ms.update), grad_fn(params, calls[0])[1], state, params)
     step_counts = jaxaccum.count_collectives(step, params, state, calls[0])
+    plain_counts = jaxaccum.count_collectives(jax.jit(jax.value_and_grad(loss)), params,
+                                              calls[0])
   assert_rel_close(params, _reference(*_problem()))
   _assert_sharded_like(params, specs, mesh)
   entry = axes if len(axes) > 1 else axes[0]
@@ -181,14 +217,19 @@ def test_layout_equals_the_full_batch_and_reduces_once_per_cycle(layout, axis_ty
   # the conditional, on the completing call.
   assert every_call(update_counts) == {}, update_counts
   assert_collectives(_by_kind(update_counts, "in_conditionals"), EXPECTED[layout], update_counts)
-  # The whole step: the same conditional; on every call (and in the
-  # micro-batch loop) only what the gradient function itself does (the loss
-  # value, tensor-parallel activations, FSDP's parameter gathers), no
-  # gradient reduction.
+  # The whole step: the same conditional; on every call only what the
+  # gradient function itself does, no gradient reduction; and no call
+  # gathers more than the loss under plain jit (no tensor-parallel dimension).
   assert_collectives(_by_kind(step_counts, "in_conditionals"), EXPECTED[layout], step_counts)
-  for where in (every_call(step_counts), _by_kind(step_counts, "inside_loops")):
-    assert "reduce_scatter" not in where, step_counts
-    assert where.get("all_reduce", (0, 0))[1] < 4 * W2[0] * W2[1] // 4, step_counts
+  if axis_type == "Explicit" and "model" in mesh.axis_names and not _compat.has_reduced_specs():
+    # jax 0.7 gathers the activations over "model" in the loss's backward pass
+    # under shard_map (docs/sharded.md, "What jax gathers by itself").
+    return
+  accumulating, completing = PER_CALL[layout]
+  assert per_call(step_counts, completing=False) == accumulating, step_counts
+  assert per_call(step_counts, completing=True) == completing, step_counts
+  plain_gathers = per_call(plain_counts, completing=True).get("all_gather", 0)
+  assert completing.get("all_gather", 0) <= plain_gathers, plain_counts
 
 
 def _run_updates(ms, params, grads_of, mesh, per_call, count=False):
@@ -209,7 +250,8 @@ def _run_updates(ms, params, grads_of, mesh, per_call, count=False):
 @pytest.mark.parametrize("layout, axis_type, grad_layout", [
     ("FSDP", "Explicit", "params"), ("FSDP", "Explicit", "replicated"),
     ("HSDP", "Explicit", "params"), ("TP", "Explicit", "params"),
-    ("FSDP", "Auto", "params"), ("DDP", "Auto", "params")])
+    ("FSDP+TP", "Explicit", "params"), ("FSDP", "Auto", "params"), ("DDP", "Auto", "params"),
+    ("FSDP+TP", "Auto", "params")])
 def test_ordinary_gradients_are_reduced_once_not_twice(layout, axis_type, grad_layout):
   # Already-reduced gradients: each device adds its block to its own row
   # (on one device per block), so the rows still sum to the cycle's total.

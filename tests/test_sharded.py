@@ -1,12 +1,15 @@
 """``data_axis`` over sharded parameters, on 8 simulated CPU devices.
 
 For each layout (data parallel, FSDP in both ``fsdp_gather`` modes, tensor
-parallel, HSDP) on Explicit and Auto meshes: the result equals
+parallel, HSDP, FSDP + tensor parallel) on Explicit and Auto meshes: the
+result equals
 ``jax.value_and_grad`` on the whole batch on one device, the gradients come
 back with the parameters' sharding, and the compiled step's collectives
 (counts and bytes, inside and outside the micro-batch loop) are exactly the
 ones the layout needs: for the default mode nothing gradient-sized runs in
-the loop.
+the loop, and nothing is all-gathered that the loss under plain ``jit`` does
+not gather (no tensor-parallel dimension), with or without
+``defer_reduction``, also where the loss runs under ``shard_map``.
 """
 
 import jax
@@ -38,6 +41,8 @@ LAYOUTS = {
     "TP": ((4, 2), ("data", "model"), "data", {"w1": P(None, "model"), "w2": P("model", None)}),
     "HSDP": ((2, 4), ("replica", "shard"), ("replica", "shard"),
              {"w1": P("shard", None), "w2": P("shard", None)}),
+    "FSDP+TP": ((4, 2), ("data", "model"), "data",
+                {"w1": P("data", "model"), "w2": P("model", "data")}),
 }
 
 # (layout, axis type, fsdp_gather) -> collectives (kind: count, bytes) inside
@@ -68,6 +73,18 @@ EXPECTED = {
         {}, {"all_gather": (2, 3072), "reduce_scatter": (2, 3072), "all_reduce": (2, 772)}),
     ("HSDP", "Auto", "per_microbatch"): (
         {"all_gather": (2, 3072), "reduce_scatter": (2, 3072)}, {"all_reduce": (2, 772)}),
+    # FSDP + TP: the gathers and reductions over "data" move each device's
+    # half (1536 B); nothing is gathered over "model".
+    ("FSDP+TP", "Explicit", "once"): (
+        {"all_reduce": (2, 132)}, {"all_gather": (2, 1536), "all_reduce": (1, 1536)}),
+    ("FSDP+TP", "Explicit", "per_microbatch"): (
+        {"all_gather": (2, 1536), "all_reduce": (2, 1668)}, {}),
+    ("FSDP+TP", "Auto", "once"): (
+        {"all_reduce": (1, 128)},
+        {"all_gather": (2, 1536), "reduce_scatter": (2, 1536), "all_reduce": (1, 4)}),
+    ("FSDP+TP", "Auto", "per_microbatch"): (
+        {"all_reduce": (1, 128), "all_gather": (2, 1536), "reduce_scatter": (2, 1536)},
+        {"all_reduce": (1, 4)}),
 }
 
 
@@ -91,6 +108,20 @@ def auto_loss(params, batch):
 def biased_loss(params, batch):
   x, y = batch
   return jnp.mean((jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] - y) ** 2)
+
+
+def sharded_loss(params, batch):
+  """:func:`explicit_loss` (plus a bias ``b1`` where ``params`` has one) naming
+  the data axes only where they are Explicit, not manual (under shard_map)."""
+  x, y = batch
+  mesh = jax.sharding.get_abstract_mesh()
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  data = tuple(a for a in mesh.axis_names if a != "model" and types[a] == AxisType.Explicit)
+  data = None if not data else data[0] if len(data) == 1 else data
+  hidden = P(data, "model") if "model" in mesh.axis_names else P(data, None)
+  h = jnp.einsum("bi,ih->bh", x, params["w1"], out_sharding=hidden) + params.get("b1", 0.0)
+  out = jnp.einsum("bh,ho->bo", jnp.tanh(h), params["w2"], out_sharding=P(data, None))
+  return jnp.mean((out - y) ** 2)
 
 
 def _problem():
@@ -173,6 +204,61 @@ def test_tensor_parallel_parameters_are_never_gathered():
       counts = jaxaccum.count_collectives(step, *args)
     assert counts.total.all_gather == 0, (axis_type, counts)
     assert counts.bytes.outside_loops.all_reduce <= PARAM_BYTES // 2 + 4, (axis_type, counts)
+
+
+def _gathered(counts):
+  """All-gather bytes of one call (the loop's N times)."""
+  return N * counts.bytes.inside_loops.all_gather + counts.bytes.outside_loops.all_gather
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("layout, axis_type", _params(
+    [(l, t) for l in sorted(LAYOUTS) for t in ("Explicit", "Auto")]))
+def test_no_more_is_gathered_than_under_plain_jit(layout, axis_type, defer):
+  _, _, data_axis, specs = LAYOUTS[layout]
+  _, args, mesh = _setup(layout, axis_type, "once")
+  # With defer_reduction the loss runs under shard_map, manual over the data axes.
+  loss = sharded_loss if axis_type == "Explicit" else auto_loss
+  extra = {"param_specs": specs} if axis_type == "Auto" else {}
+  step = jax.jit(jaxaccum.value_and_grad(loss, num_microbatches=N, data_axis=data_axis,
+                                         defer_reduction=defer, **extra))
+  with jax.set_mesh(mesh):
+    counts = jaxaccum.count_collectives(step, *args)
+    plain = jaxaccum.count_collectives(jax.jit(jax.value_and_grad(loss)), *args)
+  assert _gathered(counts) <= _gathered(plain), (counts, plain)
+
+
+@needs_reduced
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("layout", ["TP", "FSDP+TP"])
+def test_tensor_parallel_under_shard_map_is_not_gathered(layout, defer):
+  # A bias add sends the loss to shard_map (manual over "data"); the Explicit
+  # model axis stays Explicit for the loss, is not gathered at the boundary,
+  # and FSDP + TP reduce-scatters over "data" alone.
+  _, _, _, specs = LAYOUTS[layout]
+  mesh = _mesh(layout, "Explicit")
+  params, batch = _problem()
+  params["b1"] = jnp.full((W1[1],), 0.1)
+  ref_value, ref_grads = jax.value_and_grad(biased_loss)(params, batch)
+  specs = {**specs, "b1": P("model")}
+  params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+  batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  step = jax.jit(jaxaccum.value_and_grad(sharded_loss, num_microbatches=N, data_axis="data",
+                                         mesh=mesh, defer_reduction=defer))
+  value, grads = step(params, batch)  # mesh= alone, no jax.set_mesh
+  with jax.set_mesh(mesh):
+    counts = jaxaccum.count_collectives(step, params, batch)
+    plain = jaxaccum.count_collectives(jax.jit(jax.value_and_grad(sharded_loss)),
+                                       params, batch)
+  if defer:
+    grads = jax.tree.map(lambda g: g.sum(0), grads.partials)
+  assert_rel_close(grads, ref_grads)
+  assert_rel_close(value, ref_value)
+  for name, g in grads.items():
+    want = specs[name] if not defer else P(*[None if e == "data" else e for e in specs[name]])
+    assert g.sharding.is_equivalent_to(NamedSharding(mesh, want), g.ndim), (name, g.sharding)
+  assert _gathered(counts) <= _gathered(plain), (counts, plain)
+  assert counts.inside_loops.all_gather == 0, counts
 
 
 def test_per_microbatch_mode_holds_less_memory_on_auto_axes():

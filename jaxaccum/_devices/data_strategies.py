@@ -11,7 +11,10 @@ from at trace time (see ``docs/sharded.md``):
 - :class:`ShardMapData`: a ``shard_map`` manual over the data axes only;
   gradients of device-varying parameters stay local and one ``psum``
   (``psum_scatter`` for a parameter sharded over a data axis) follows the
-  loop. Other mesh axes stay automatic, so nothing is gathered along them.
+  loop. Other mesh axes are not manual, and nothing is gathered along them:
+  Explicit ones cross the ``shard_map`` boundary as Auto axes and are
+  Explicit again for the loss, and a collective over the data axes of a
+  parameter also sharded over other axes runs manual over those too.
 
 A parameter sharded over a data axis (FSDP) is gathered for the loss either
 once before the loop (``fsdp_gather="once"``) or in every micro-batch, its
@@ -38,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxaccum import _compat
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._devices.specs import (Axes, PyTree, axis_spec, entry_axes, entry_of, is_spec, map_specs,
                                      only, sharded_over, spec_of, to_varying, without,
@@ -138,15 +142,15 @@ class ExplicitData(_Strategy):
 
 
 class ShardMapData(_Strategy):
-  """A ``shard_map`` manual over the data axes; other axes stay automatic.
+  """A ``shard_map`` manual over the data axes; other axes are not manual.
 
-  ``specs`` keep only the data axes (``P("data", None)`` for FSDP, ``P()``
-  for replicated); the batch arguments are sharded over all data axes.
+  ``specs`` are the parameters' whole specs; the ``shard_map``'s in and out
+  specs keep only their data axes (``P("data", None)`` for FSDP, ``P()``
+  for replicated), and the batch arguments are sharded over all data axes.
   """
 
   def __init__(self, mesh, axes: Axes, fsdp_gather: str, specs: tuple,
                argnums_is_int: bool, batch: BatchLayout, defer: bool = False):
-    specs = jax.tree.map(lambda s: only(s, axes), specs, is_leaf=is_spec)
     super().__init__(axes, fsdp_gather, specs, argnums_is_int)
     self.mesh = mesh
     self.batch = batch
@@ -160,7 +164,8 @@ class ShardMapData(_Strategy):
     # is reduced, the same on every device.
     aux_specs = jax.tree.map(lambda kind: batch if kind == "concat" else P(),
                              self.batch.aux_reduction)
-    grad_specs = batch if self.defer else self.grad_specs
+    grad_specs = batch if self.defer else self._data_only(self.grad_specs)
+    out_specs = (P(), aux_specs, P(), grad_specs, P())
     kind = []  # the loop's output type, rebuilt from the tuple shard_map returns
 
     def body(args, kwargs):
@@ -168,10 +173,17 @@ class ShardMapData(_Strategy):
       kind.append(type(out))
       return tuple(out)
 
-    out = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
-                        out_specs=(P(), aux_specs, P(), grad_specs, P()),
-                        axis_names=frozenset(self.axes))(args, kwargs)
+    others = _explicit_others(self.mesh, self.axes)
+    if others and _compat.use_abstract_mesh is not None:
+      out = _others_kept(self.mesh, self.axes, others, body, in_specs, out_specs,
+                         (args, kwargs))
+    else:
+      out = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                          axis_names=frozenset(self.axes))(args, kwargs)
     return kind[0](*out)
+
+  def _data_only(self, specs: PyTree) -> PyTree:
+    return jax.tree.map(lambda s: only(s, self.axes), specs, is_leaf=is_spec)
 
   def _in_specs(self, args: tuple, kwargs: dict) -> tuple:
     """Batch leaves sharded over the data axes along their batch axis,
@@ -184,15 +196,33 @@ class ShardMapData(_Strategy):
                                       axis_spec(self.axes)), tree)
 
     argnums = layout.argnums
-    return (tuple(batch(i, a) if i in axes else self.specs[argnums.index(i)]
+    return (tuple(batch(i, a) if i in axes else self._data_only(self.specs[argnums.index(i)])
                   if i in argnums else P() for i, a in enumerate(args)),
             {k: batch(k, v) if k in axes else P() for k, v in kwargs.items()})
 
+  def _local(self, collective: Callable[[jax.Array], jax.Array], x: jax.Array,
+             spec: P) -> jax.Array:
+    """``collective(x)`` (over data axes), manual over the other axes ``spec``
+    names too: in a partly manual computation XLA all-gathers a collective's
+    operand over the automatic axes, and jax (0.8 to 0.10.2) cannot lower a
+    ``psum_scatter`` of an array sharded over an Explicit one: the collective
+    must see local blocks only."""
+    if not sharded_over(spec, self.axes):
+      return x
+    other = frozenset(a for entry in spec for a in entry_axes(entry)) - set(self.axes)
+    if not other:
+      return collective(x)
+    blocks = without(spec, self.axes, x.ndim)
+    return jax.shard_map(collective, in_specs=blocks, out_specs=blocks, axis_names=other)(x)
+
   def _gather(self, x: jax.Array, spec: P) -> jax.Array:
-    for dim, entry in enumerate(spec):
-      for axis in reversed(entry_axes(entry)):
-        x = lax.all_gather(x, axis, axis=dim, tiled=True)
-    return to_varying(x, self.axes)
+    def gather(x):
+      for dim, entry in enumerate(spec):
+        for axis in reversed(entry_axes(entry)):
+          if axis in self.axes:
+            x = lax.all_gather(x, axis, axis=dim, tiled=True)
+      return x
+    return to_varying(self._local(gather, x, spec), self.axes)
 
   def prepare(self, diff: tuple) -> tuple:
     if self.per_microbatch:
@@ -203,10 +233,13 @@ class ShardMapData(_Strategy):
     return to_varying(tree, self.axes)
 
   def _scatter(self, g: jax.Array, spec: P) -> jax.Array:
-    for dim, entry in enumerate(spec):
-      for axis in entry_axes(entry):
-        g = lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
-    return g
+    def scatter(g):
+      for dim, entry in enumerate(spec):
+        for axis in entry_axes(entry):
+          if axis in self.axes:
+            g = lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
+      return g
+    return self._local(scatter, g, spec)
 
   def gradients(self, grads: PyTree) -> PyTree:
     if self.per_microbatch:
@@ -252,6 +285,53 @@ class ShardMapData(_Strategy):
     if not self.defer:
       return grads
     return DeferredGrads(jax.tree.map(lambda g: g[None], grads), self.axes)
+
+
+def _explicit_others(mesh: Any, axes: Axes) -> tuple:
+  """The Explicit axes of ``mesh`` other than ``axes``."""
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if a not in axes and t == jax.sharding.AxisType.Explicit)
+
+
+def _merged(outer: P, inner: P, ndim: int) -> P:
+  """Per dimension, the axes of ``inner`` (not manual) then those of ``outer``."""
+  pad = lambda spec: tuple(spec) + (None,) * (ndim - len(spec))  # noqa: E731
+  return P(*[entry_of(entry_axes(i) + entry_axes(o)) for o, i in zip(pad(outer), pad(inner))])
+
+
+def _others_kept(mesh: Any, axes: Axes, others: tuple, body: Callable[..., Any],
+                 in_specs: PyTree, out_specs: PyTree, tree: tuple) -> Any:
+  """``shard_map(body)`` manual over ``axes``, the Explicit axes ``others``
+  kept as the arguments and outputs are sharded over them.
+
+  jax 0.10.1 and 0.10.2's ``shard_map`` take an Explicit axis it leaves automatic as
+  replicated at its boundary (it all-gathers every array sharded over it, in
+  and out), where an Auto axis is left open. So the boundary sees ``others``
+  as Auto axes, and ``body`` runs with them Explicit again, each argument in
+  its own sharding over them: the loss sees the types it sees outside.
+  """
+  kept = jax.tree.map(lambda x: without(spec_of(x), axes, np.ndim(x)), tree)
+  inner = []  # the outputs' specs over ``others``, read where they are Explicit
+
+  def explicit_body(*tree):
+    def typed(*tree):
+      out = body(*tree)
+      inner.append(jax.tree.map(spec_of, out))
+      return out
+    return jax.sharding.explicit_axes(typed, axes=others, in_sharding=kept)(*tree)
+
+  # Under the mesh (given as mesh=, maybe without jax.set_mesh), specs name its axes.
+  abstract = getattr(mesh, "abstract_mesh", mesh)
+  auto = abstract.update_axis_types({a: jax.sharding.AxisType.Auto for a in others})
+  with _compat.use_abstract_mesh(abstract):
+    with _compat.use_abstract_mesh(auto):
+      tree = jax.tree.map(lambda x: jax.sharding.reshard(x, only(spec_of(x), axes)), tree)
+      out = jax.shard_map(explicit_body, in_specs=in_specs, out_specs=out_specs,
+                          axis_names=frozenset(axes))(*tree)
+    outer = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), out_specs, out,
+                         is_leaf=is_spec)
+    return jax.tree.map(lambda o, i, x: jax.sharding.reshard(x, _merged(o, i, np.ndim(x))),
+                        outer, inner[0], out, is_leaf=is_spec)
 
 
 def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:

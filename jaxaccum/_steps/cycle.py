@@ -11,8 +11,9 @@ per block (a ``shard_map`` with no collective), so the rows still sum to the
 cycle's total.
 
 The cycle's last call reduces the rows in a ``shard_map`` manual over the data
-axes only (other axes stay automatic, so tensor-parallel dimensions are never
-gathered): a ``psum_scatter`` over the data axes a parameter is sharded over
+axes and the other axes the parameters are sharded over (so tensor-parallel
+dimensions are never gathered: each device reduces its own blocks): a
+``psum_scatter`` over the data axes a parameter is sharded over
 (FSDP: the sum lands in the parameter's shards), a ``psum`` over the others.
 :mod:`jaxaccum._steps.multi_steps` calls this inside the ``lax.cond`` branch that
 ends the cycle, whose operands are ordinary sharded arrays (never
@@ -101,20 +102,24 @@ class DataCycle:
             "and multi_steps")
       return grads.partials
     mesh = self.mesh()
-    manual = self.manual(mesh)
-    specs = self._only(self.specs(grads, mesh), manual)
+    specs = self.specs(grads, mesh)
+    manual = self.manual(mesh, specs)
+    specs = self._only(specs, manual)
     placed = jax.shard_map(lambda g: jax.tree.map(self._placed, g, specs), mesh=mesh,
                            in_specs=(specs,), out_specs=self._rows(grads, specs),
                            axis_names=manual)(grads)
     return jax.tree.map(lambda p, a: p.astype(a.dtype), placed, acc)
 
-  def manual(self, mesh: Any) -> frozenset:
-    """The axes the ``shard_map`` s are manual over: the data axes, and on
-    Explicit axes the others too (a ``shard_map`` leaving an Explicit axis
-    automatic gathers the arrays sharded over it); all the work is local to
-    them."""
+  def manual(self, mesh: Any, specs: PyTree) -> frozenset:
+    """The axes the ``shard_map`` s are manual over: the data axes, and the
+    others too, all the work being local to them: on Explicit axes all of
+    them (a ``shard_map`` leaving an Explicit axis automatic gathers the
+    arrays sharded over it), on Auto axes those ``specs`` name (XLA gathers
+    the operand of a collective over the automatic axes)."""
     if not self.explicit(mesh):
-      return frozenset(self.axes)
+      named = {a for s in jax.tree.leaves(specs, is_leaf=_specs.is_spec)
+               for e in s for a in _specs.entry_axes(e)}
+      return frozenset(self.axes) | named
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
 
@@ -145,12 +150,12 @@ class DataCycle:
     (replicated over them where it is not known: no ``params`` on Explicit
     axes, no ``param_specs`` on Auto axes)."""
     mesh = self.mesh()
-    manual = self.manual(mesh)
     if params is None and self.explicit(mesh):
       # The parameters' non-data sharding is the accumulator's.
       specs = jax.tree.map(lambda a: P(*_specs.spec_of(a)[1:]), acc)
     else:
       specs = self.specs(acc if params is None else params, mesh)
+    manual = self.manual(mesh, specs)
     specs = self._only(specs, manual)
     in_specs = jax.tree.map(lambda a, s: self.partial_spec(s, a.ndim - 1), acc, specs)
 
