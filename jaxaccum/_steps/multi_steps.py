@@ -24,6 +24,7 @@ from jaxaccum._core import dtypes as _dtypes
 from jaxaccum._core import options as _options
 from jaxaccum._devices import specs
 from jaxaccum._devices.deferred import DeferredGrads
+from jaxaccum._steps import restore as _restore
 from jaxaccum._steps.cycle import DataCycle, data_cycle
 from jaxaccum._steps.state import MultiSteps, MultiStepsState
 
@@ -230,6 +231,7 @@ def _zero_sums(cfg: _Config, params: Params) -> Any:
 def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Params | None,
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
+  state = state._replace(acc_grads=_restore.converted(cfg, updates, state.acc_grads))
   grads = _incoming(cfg, updates, state.acc_grads)
   _check_axes_bound(cfg.axis_name, cfg.axes)
   k = _every_k(cfg.schedule, state.gradient_step)
