@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxaccum._core import dtypes as _dtypes
 from jaxaccum._core import options as _options
 from jaxaccum._devices import specs
+from jaxaccum._devices import deferred as _deferred
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._steps import restore as _restore
 from jaxaccum._steps.cycle import DataCycle, data_cycle
@@ -232,6 +233,8 @@ def _update(cfg: _Config, updates: Updates, state: MultiStepsState, params: Para
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
   state = state._replace(acc_grads=_restore.converted(cfg, updates, state.acc_grads))
+  if cfg.data is not None:
+    _deferred.check_untransformed(updates, state.acc_grads)
   grads = _incoming(cfg, updates, state.acc_grads)
   _check_axes_bound(cfg.axis_name, cfg.axes)
   k = _every_k(cfg.schedule, state.gradient_step)
