@@ -302,8 +302,11 @@ def _cycle_end(cfg: _Config, k: jax.Array, emit: jax.Array, inner_update: Callab
 
   def continue_cycle(acc_grads, acc_weight, inner_state):
     grads = jax.eval_shape(reduced, acc_grads, acc_weight)[0] if cfg.data else acc_grads
-    shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
+    shapes, state_shapes = jax.eval_shape(inner_update, grads, inner_state)
     zero_updates = jax.tree.map(_zeros_of, shapes)
+    if not axes:  # with axis_name the inner update sees reduced, invariant sums
+      zero_updates, inner_state = _varying_like((zero_updates, inner_state),
+                                                (shapes, state_shapes))
     return (zero_updates, inner_state,
             specs.to_varying((acc_grads, acc_weight), axes))
 
@@ -317,6 +320,14 @@ def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
   if not _named(getattr(sharding, "spec", P())):
     return jnp.zeros(shape.shape, shape.dtype)
   return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
+
+
+def _varying_like(tree: Any, shapes: Any) -> Any:
+  """``tree`` device-varying where ``shapes`` are: inside a user's ``shard_map``
+  over device-varying parameters (no ``axis_name``), the inner update varies
+  over its axes, and both cond branches must have its types."""
+  return jax.tree.map(lambda x, s: specs.to_varying(x, tuple(specs.varying_axes(s))),
+                      tree, shapes)
 
 
 def _named(spec: P) -> bool:
