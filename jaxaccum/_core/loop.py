@@ -22,7 +22,7 @@ from jax.extend import core as jex_core
 
 from jaxaccum._core import dtypes as _dtypes
 from jaxaccum._core import microbatch as _microbatch
-from jaxaccum._devices import parallel
+from jaxaccum._devices import data_strategies, parallel
 from jaxaccum._core import reducers as _reducers
 from jaxaccum._devices import specs
 from jaxaccum._core import stats as _stats
@@ -185,7 +185,7 @@ def _reduce(options: Options, plan: Plan, strategy: parallel.Strategy, reducers:
   sums["grads"] = grads
   devices = strategy.num_devices()
   n = plan.n if real is None else real
-  totals = _reducers.Totals(sums, n * devices, devices, like, plan.n * devices == 1)
+  totals = _reducers.Totals(sums, n * devices, devices, like, _single(plan, strategy))
   done = {name: r.finalize(sums[name], totals) for name, r in reducers.items()}
   summed = done.get("aux", {})
   aux = [summed[i] if i in summed else concat[i] if i in concat
@@ -200,6 +200,14 @@ def _reduce(options: Options, plan: Plan, strategy: parallel.Strategy, reducers:
   valid = jnp.logical_and(real >= 1, real <= plan.n)
   return jax.tree.map(lambda x: jnp.where(valid, x, jnp.full_like(x, np.nan))
                       if _dtypes.is_float(x) else x, outputs)
+
+
+def _single(plan: Plan, strategy: parallel.Strategy) -> bool:
+  """One micro-batch on one device, outside any ``shard_map``: only then is the
+  micro-batch's own output (device-varying inside a ``shard_map``, even over a
+  1-device axis) the result."""
+  manual = isinstance(strategy, (parallel.Named, data_strategies.ShardMapData))
+  return plan.n * strategy.num_devices() == 1 and not manual
 
 
 def _device_mean(x: jax.Array, devices: int) -> jax.Array:
