@@ -250,9 +250,10 @@ def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
 
 def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:
   """Where tracing failed, the arguments left whole that have the batch's size."""
-  named = set(options.argnums) | set(plan.positions)
-  suspects = [f"positional argument {i}" for i, a in enumerate(args)
-              if i not in named and _leading(a) == plan.size]
+  # A differentiated argument is a suspect too (argnums=1 on a batch-sized x).
+  kind = {i: "differentiated argument" for i in options.argnums}
+  suspects = [f"{kind.get(i, 'positional argument')} {i}" for i, a in enumerate(args)
+              if i not in plan.positions and _leading(a) == plan.size]
   suspects += [f"keyword argument {k!r}" for k, v in kwargs.items()
                if k not in plan.names and _leading(v) == plan.size]
   if not suspects or plan.n == 1:
