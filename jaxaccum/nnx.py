@@ -308,7 +308,28 @@ class _Accumulated:
       loss, aux = out if has_aux else (out, ())
       return loss, (aux, arguments.states(user))
 
+    pure.__signature__ = _pure_signature(self.f, num_args)
     return accumulate.build(pure, options)
+
+
+def _pure_signature(f: Callable[..., Any], num_args: int) -> inspect.Signature:
+  """The signature the core reads for ``pure(diff, *args, stats, rest, keys,
+  frozen)``: ``f``'s positional parameters by name, one place on, so that
+  ``batch_argnames`` naming one of them finds it at its position (every
+  argument reaches the core by position, :func:`_bound`)."""
+  try:
+    params = [p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None
+              for p in inspect.signature(f).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  except (TypeError, ValueError):
+    params = []
+  names = [(params[i] if i < len(params) else None) or f"_jaxaccum_arg{i}"
+           for i in range(num_args)]
+  names = ["_jaxaccum_diff", *names, *(f"_jaxaccum_{k}" for k in ("stats", "rest", "keys",
+                                                                   "frozen"))]
+  kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+  return inspect.Signature([inspect.Parameter(n, kind) for n in names]
+                           + [inspect.Parameter("_jaxaccum_kwargs", inspect.Parameter.VAR_KEYWORD)])
 
 
 def _bound(f: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
