@@ -120,5 +120,5 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
         "nnx.Optimizer.update makes of DeferredGrads: it filters gradients as an "
         "nnx.State). Call ms.update(grads, opt_state, params) and nnx.update(model, "
         "optax.apply_updates(params, updates)) directly (docs/flax.md, "
-        "'DeferredGrads and nnx.Optimizer'), or drop defer_reduction=True to use "
+        "'nnx.Optimizer with multi_steps'), or drop defer_reduction=True to use "
         "nnx.Optimizer(model, multi_steps(..., data_axis=...))")
