@@ -65,6 +65,11 @@ class DeferredGrads(metaclass=_Named):
   partials: Any
   axes: tuple[Hashable, ...]
 
+  def __repr__(self):
+    # Printed by some jax versions' pytree structure errors ("Expected dict,
+    # got DeferredGrads(...)"), where the type's name is printed by others.
+    return f"DeferredGrads(partials={self.partials!r}, axes={self.axes!r}) ({_ONLY})"
+
 
 def _flatten(g: DeferredGrads) -> tuple:
   return ((jax.tree_util.GetAttrKey("partials"), g.partials),), g.axes
