@@ -203,6 +203,9 @@ def _check_dynamic_scale(dynamic_scale: Any) -> None:
                     "flax.training.dynamic_scale.DynamicScale")
 
 
+_FACTOR = "_jaxaccum_loss_scale"  # the keyword scaled_value_and_grad passes the scale by
+
+
 def scaled_value_and_grad(
     dynamic_scale: DynamicScale,
     fun: Callable[..., Any],
@@ -252,8 +255,12 @@ def scaled_value_and_grad(
     raise TypeError("scaled_value_and_grad takes num_microbatches, not microbatch_size "
                     "(the loss scale is divided by the number of micro-batches)")
 
+  # The factor goes by a keyword of its own, and scaled has fun's signature,
+  # so that a batch passed by keyword is found by name and the factor is never
+  # taken for the batch.
+  @functools.wraps(fun)
   def scaled(*args, **kwargs):
-    *args, factor = args
+    factor = kwargs.pop(_FACTOR)
     out = fun(*args, **kwargs)
     loss, aux = out if has_aux else (out, None)
     # The scale multiplies the loss as DynamicScale.value_and_grad does: a
@@ -269,7 +276,7 @@ def scaled_value_and_grad(
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
     factor = dynamic_scale.scale / num_microbatches if per_microbatch else dynamic_scale.scale
-    out, grads = vg(*args, factor, **kwargs)
+    out, grads = vg(*args, **kwargs, **{_FACTOR: factor})
     with jax.numpy_dtype_promotion("standard"):
       value = (out[0] if has_aux else out) / factor
       grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32) / factor, grads)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
@@ -286,8 +287,14 @@ class _Accumulated:
     if key not in self.cores:
       self.cores[key] = self._core(arguments, spec.core_options(len(args), param_specs))
     others = tuple(None if i in spec.diff else a for i, a in enumerate(plain))
-    outputs = self.cores[key](diff, *others, parts["stats"], parts["rest"], parts["keys"],
-                              parts["frozen"], **kwargs)
+    try:
+      outputs = self.cores[key](diff, *others, parts["stats"], parts["rest"], parts["keys"],
+                                parts["frozen"], **kwargs)
+    except (TypeError, ValueError) as e:
+      hint = _unsplit_hint(spec, plain)
+      if hint is None:
+        raise
+      raise type(e)(f"{e}\n\n{hint}") from e
     for node, stats, rest in zip(arguments.nodes(args), *outputs.states):
       nnx.update(node, stats, rest)
     return self.nest(outputs._replace(grads=self._grads(outputs.grads), states=()))
@@ -315,7 +322,47 @@ class _Accumulated:
       loss, aux = out if has_aux else (out, ())
       return loss, (aux, arguments.states(user))
 
+    pure.__signature__ = _pure_signature(self.f, num_args)
     return accumulate.build(pure, options)
+
+
+def _unsplit_hint(spec: _Spec, plain: list) -> str | None:
+  """Where tracing failed, the differentiated arguments (whole in every
+  micro-batch) that have the batch's size, as the core names other arguments."""
+  def leading(tree):
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+  batch = [plain[i] for i in spec.options.batch_argnums if i < len(plain)]
+  size = leading(batch)
+  suspects = [i for i in spec.diff if size is not None and leading(plain[i]) == size]
+  if not suspects:
+    return None
+  return (f"differentiated argument(s) {suspects} of this call are passed whole to every "
+          f"micro-batch but have the batch's size {size} along their leading axis: if "
+          f"one is part of the batch, it cannot also be differentiated; name the batch "
+          f"in batch_argnums (now {spec.options.batch_argnums}) and differentiate the "
+          "parameters (argnums=0 for the model)")
+
+
+def _pure_signature(f: Callable[..., Any], num_args: int) -> inspect.Signature:
+  """The signature the core reads for ``pure(diff, *args, stats, rest, keys,
+  frozen)``: ``f``'s positional parameters by name, one place on, so that
+  ``batch_argnames`` naming one of them finds it at its position (every
+  argument reaches the core by position, :func:`_bound`)."""
+  try:
+    params = [p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None
+              for p in inspect.signature(f).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  except (TypeError, ValueError):
+    params = []
+  names = [(params[i] if i < len(params) else None) or f"_jaxaccum_arg{i}"
+           for i in range(num_args)]
+  names = ["_jaxaccum_diff", *names, *(f"_jaxaccum_{k}" for k in ("stats", "rest", "keys",
+                                                                   "frozen"))]
+  kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+  return inspect.Signature([inspect.Parameter(n, kind) for n in names]
+                           + [inspect.Parameter("_jaxaccum_kwargs", inspect.Parameter.VAR_KEYWORD)])
 
 
 def _bound(f: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -255,18 +255,22 @@ def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
 
 def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:
   """Where tracing failed, the arguments left whole that have the batch's size."""
-  named = set(options.argnums) | set(plan.positions)
-  suspects = [f"positional argument {i}" for i, a in enumerate(args)
-              if i not in named and _leading(a) == plan.size]
+  whole = [i for i, a in enumerate(args)
+           if i not in plan.positions and _leading(a) == plan.size]
+  # A differentiated argument is a suspect too (argnums=1 on a batch-sized x).
+  diff = [i for i in whole if i in options.argnums]
+  suspects = [f"{'differentiated' if i in diff else 'positional'} argument {i}" for i in whole]
   suspects += [f"keyword argument {k!r}" for k, v in kwargs.items()
                if k not in plan.names and _leading(v) == plan.size]
   if not suspects or plan.n == 1:
     return None
+  never = ("; a differentiated argument is never split: differentiate the parameters "
+           "(argnums) and pass the data in batch_argnums") if diff else ""
   return (f"{', '.join(suspects)} of this call is passed whole to every micro-batch "
           f"but has the batch's size {plan.size} along its leading axis: if it is part "
           f"of the batch, name it in batch_argnums (now {options.batch_argnums}) or "
           f"batch_argnames (now {options.batch_argnames}), e.g. batch_argnums=(1, 2) "
-          "for loss(params, x, y)")
+          f"for loss(params, x, y){never}")
 
 
 def _leading(tree: Any) -> int | None:

@@ -181,7 +181,7 @@ def _reduce(options: Options, acc: Accumulator, strategy: parallel.Strategy, n: 
   sums = others._replace(grads=grads)
   devices = strategy.num_devices()
   count = n if real is None else real
-  totals = Totals(sums, count * devices, devices, acc.like, n * devices == 1)
+  totals = Totals(sums, count * devices, devices, acc.like, _single(n, strategy))
   done = acc.finalize(totals)
   summed = done.aux or {}
   aux = [summed[i] if i in summed else concat[i] if i in concat
@@ -196,6 +196,13 @@ def _reduce(options: Options, acc: Accumulator, strategy: parallel.Strategy, n: 
   valid = jnp.logical_and(real >= 1, real <= n)
   return jax.tree.map(lambda x: jnp.where(valid, x, jnp.full_like(x, np.nan))
                       if _dtypes.is_float(x) else x, outputs)
+
+
+def _single(n: int, strategy: parallel.Strategy) -> bool:
+  """One micro-batch on one device, outside any ``shard_map``: only then is the
+  micro-batch's own output (device-varying inside a ``shard_map``, even over a
+  1-device axis) the result."""
+  return n * strategy.num_devices() == 1 and not strategy.manual
 
 
 def _device_mean(x: jax.Array, devices: int) -> jax.Array:

@@ -285,13 +285,25 @@ def make_step(options: Options, plan_: Plan, grad_fn: Callable[..., Any], args: 
       call[pos] = arg
     out, grads = grad_fn(*call, **{**kwargs, **micro.kwargs})
     value, aux, states = unpack(options, out)
-    weight, kept, weighed = _weigh(options, micro, value, grads)
+    weight, kept, weighed = _weigh(options, _weight_fn_args(options, plan_, micro),
+                                   value, grads)
     new_seq = tuple(_keep_if(kept, states[options.state_argnums.index(p)], old)
                     for p, old in zip(seq_pos, seq_states))
     sampled = kept * weighed
     return Micro(value, grads, aux, states, weight, kept, sampled, weighed - sampled), new_seq
 
   return step
+
+
+def _weight_fn_args(options: Options, plan_: Plan, micro: Batch) -> Batch:
+  """The micro-batch as ``weight_fn(*batch_args)`` takes it: the ``batch_argnums``
+  arguments by position, in their order, also where the call passed one by
+  keyword (``loss(params, batch=b)``); ``batch_argnames`` ones as given."""
+  args, kwargs = iter(micro.args), dict(micro.kwargs)
+  by_keyword = iter([k for k in plan_.names if k not in options.batch_argnames])
+  first = [next(args) if p in plan_.positions else kwargs.pop(next(by_keyword))
+           for p in options.batch_argnums]
+  return Batch((*first, *args), kwargs)
 
 
 def _weigh(options: Options, micro: Batch, value: jax.Array, grads: PyTree):

@@ -68,6 +68,8 @@ class BatchLayout(NamedTuple):
 class _Strategy:
   """What both strategies share: the specs and the FSDP mode."""
 
+  manual = False
+
   def __init__(self, axes: Axes, fsdp_gather: str, specs: tuple, argnums_is_int: bool):
     self.axes = axes
     self.per_microbatch = fsdp_gather == "per_microbatch"
@@ -149,6 +151,8 @@ class ShardMapData(_Strategy):
   for replicated), and the batch arguments are sharded over all data axes.
   """
 
+  manual = True
+
   def __init__(self, mesh, axes: Axes, fsdp_gather: str, specs: tuple,
                argnums_is_int: bool, batch: BatchLayout, defer: bool = False):
     super().__init__(axes, fsdp_gather, specs, argnums_is_int)
@@ -159,6 +163,7 @@ class ShardMapData(_Strategy):
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     batch = P(axis_spec(self.axes))
     in_specs = self._in_specs(args, kwargs)
+    (args, kwargs), merge = _arrays_only((args, kwargs))
     args, kwargs = _to_specs(self.mesh, self.axes, in_specs, (args, kwargs))
     # Per-example ("concat") aux rows stay sharded like the batch; the rest
     # is reduced, the same on every device.
@@ -169,7 +174,7 @@ class ShardMapData(_Strategy):
     kind = []  # the loop's output type, rebuilt from the tuple shard_map returns
 
     def body(args, kwargs):
-      out = loop(self, args, kwargs)
+      out = loop(self, *merge((args, kwargs)))
       kind.append(type(out))
       return tuple(out)
 
@@ -354,3 +359,19 @@ def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:
 
   return jax.tree.map(lambda spec, sub: jax.tree.map(lambda x: one(spec, x), sub),
                       specs, tree, is_leaf=is_spec)
+
+
+def _arrays_only(tree: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  """``tree`` with its non-array leaves (a string keyword, a Python bool the
+  loss branches on) left out, and the function that puts them back: they are
+  closed over, as ``jit`` keeps them static, not made traced inputs of the
+  ``shard_map``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  static = {i: x for i, x in enumerate(leaves)
+            if not isinstance(x, (jax.Array, np.ndarray, np.generic))}
+
+  def merge(arrays: PyTree) -> PyTree:
+    flat = treedef.flatten_up_to(arrays)
+    return treedef.unflatten([static.get(i, x) for i, x in enumerate(flat)])
+
+  return treedef.unflatten([None if i in static else x for i, x in enumerate(leaves)]), merge

@@ -9,24 +9,40 @@ devices of ``A`` once, on the call that completes the cycle.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Hashable
 from typing import Any
 
 import jax
 
+_ONLY = "per-device partial sums: pass them to jaxaccum.multi_steps(data_axis=) only"
+
+
+class _Named(type):
+  """Names the one consumer of :class:`DeferredGrads` wherever its type is
+  printed: in the pytree structure error of ``optax.apply_updates``,
+  ``optax.adamw`` or ``optax.MultiSteps`` given one."""
+
+  def __repr__(cls):
+    return f"<class 'jaxaccum.DeferredGrads' ({_ONLY})>"
+
 
 @dataclasses.dataclass(frozen=True)
-class DeferredGrads:
+class DeferredGrads(metaclass=_Named):
   """Per-device partial sums of gradients, not yet reduced over ``axes``.
 
   A pytree, so it passes through ``jax.jit``. Its structure is not the
-  parameters', so ``optax.apply_updates`` (and ``optax.MultiSteps``, or a
-  ``multi_steps`` without ``data_axis``) given one fails rather than apply
-  partial sums. An optax transformation that maps over leaves does not notice
-  it: one that takes a global norm (``clip_by_global_norm``) placed before
-  ``multi_steps`` in an ``optax.chain`` would take the norm of the partial
-  sums. Put such transformations in ``multi_steps``' inner optimizer, which
-  sees the reduced gradient.
+  parameters', so ``optax.apply_updates``, ``optax.adamw`` or
+  ``optax.MultiSteps`` given one fails with an error naming
+  ``multi_steps(data_axis=)``, and a ``multi_steps`` without ``data_axis`` is
+  a ``TypeError``. A transformation that maps over leaves would transform the
+  partial sums, not the gradient (``clip_by_global_norm`` would take their
+  norm), so ``multi_steps(data_axis=)`` takes only the very value that
+  ``value_and_grad`` returned: one rebuilt by a pytree operation (a
+  transformation before it in an ``optax.chain``, a ``jax.tree.map``) is a
+  ``ValueError``; ``jax.jit`` and other transformations that hand the values
+  on unchanged keep it usable. Put gradient transformations in
+  ``multi_steps``' inner optimizer, which sees the reduced gradient.
 
   Attributes:
     partials: a pytree of the parameters' structure; each leaf has shape
@@ -49,6 +65,65 @@ class DeferredGrads:
   partials: Any
   axes: tuple[Hashable, ...]
 
+  def __repr__(self):
+    # Printed by some jax versions' pytree structure errors ("Expected dict,
+    # got DeferredGrads(...)"), where the type's name is printed by others.
+    return f"DeferredGrads(partials={self.partials!r}, axes={self.axes!r}) ({_ONLY})"
 
-jax.tree_util.register_dataclass(DeferredGrads, data_fields=["partials"],
-                                 meta_fields=["axes"])
+
+def _flatten(g: DeferredGrads) -> tuple:
+  return ((jax.tree_util.GetAttrKey("partials"), g.partials),), g.axes
+
+
+def _unflatten(axes: tuple, children: Any) -> DeferredGrads:
+  g = DeferredGrads(children[0], axes)
+  if _by_a_tree_map(sys._getframe(1)):
+    object.__setattr__(g, "_rebuilt", True)
+  return g
+
+
+def _by_a_tree_map(frame: Any) -> bool:
+  """Whether a pytree operation that may change the leaves (``jax.tree.map``
+  in optax, flax's optimizer or user code) rebuilds a :class:`DeferredGrads`,
+  rather than a transformation that hands the same values on (``jax.jit`` in-
+  and outputs, ``shard_map``, ``lax.cond``, ``nnx.jit``): what tells them apart
+  is the first caller outside jax's pytree functions."""
+  while frame is not None and frame.f_globals.get("__name__") in _PYTREE_MODULES:
+    frame = frame.f_back
+  name = "" if frame is None else frame.f_globals.get("__name__", "")
+  return not name.startswith(_TRANSFORMATION_MODULES)
+
+
+_PYTREE_MODULES = ("jax._src.tree_util", "jax._src.tree", "jax.tree_util", "jax.tree")
+_TRANSFORMATION_MODULES = ("jax.", "flax.nnx.transforms", "flax.nnx.graph", "jaxaccum.")
+
+jax.tree_util.register_pytree_with_keys(DeferredGrads, _flatten, _unflatten)
+
+
+def check_untransformed(updates: Any, acc_grads: Any) -> None:
+  """Gradients given to ``multi_steps(data_axis=)``: never transformed partial sums.
+
+  Raises:
+    ValueError: :class:`DeferredGrads` rebuilt by a pytree operation.
+    TypeError: :class:`DeferredGrads` flattened into a plain pytree (what
+      ``nnx.Optimizer.update`` does), whose sums it cannot tell from a gradient.
+  """
+  if isinstance(updates, DeferredGrads) and getattr(updates, "_rebuilt", False):
+    raise ValueError(
+        "multi_steps(data_axis=...) got DeferredGrads rebuilt by a pytree operation, "
+        "such as a transformation before it (optax.chain(optax.clip_by_global_norm(...), "
+        "multi_steps(...))) or a jax.tree.map. A transformation of the per-device "
+        "partial sums is not that of the gradient (clip_by_global_norm would measure "
+        "the partial sums); put it in "
+        "multi_steps' inner optimizer, multi_steps(optax.chain(clip, adamw), k, "
+        "data_axis=...), and pass it the DeferredGrads value_and_grad returned")
+  keys = list(updates) if hasattr(updates, "keys") else []
+  if keys == ["partials"] and (jax.tree.structure(updates)
+                               != jax.tree.structure(acc_grads)):
+    raise TypeError(
+        "multi_steps(data_axis=...) got a pytree holding DeferredGrads' partials (what "
+        "nnx.Optimizer.update makes of DeferredGrads: it filters gradients as an "
+        "nnx.State). Call ms.update(grads, opt_state, params) and nnx.update(model, "
+        "optax.apply_updates(params, updates)) directly (docs/flax.md, "
+        "'nnx.Optimizer with multi_steps'), or drop defer_reduction=True to use "
+        "nnx.Optimizer(model, multi_steps(..., data_axis=...))")

@@ -32,7 +32,14 @@ Axes = tuple[Hashable, ...]
 
 
 class Strategy(Protocol):
-  """How the loop runs on devices and where it reduces across them."""
+  """How the loop runs on devices and where it reduces across them.
+
+  Attributes:
+    manual: whether the loop runs in a manual region (``pmap``,
+      ``shard_map``), where its values are device-varying.
+  """
+
+  manual: bool
 
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """Runs ``loop(strategy, args, kwargs)`` (in a ``shard_map``, say)."""
@@ -76,6 +83,8 @@ def fold_in_device(key: jax.Array, salt: jax.Array) -> jax.Array:
 class Local:
   """One device: nothing to reduce (a :class:`Strategy`)."""
 
+  manual = False
+
   def run(self, loop: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return loop(self, args, kwargs)
 
@@ -116,6 +125,7 @@ class Named(Local):
 
   axes: Axes
   salted: bool = False
+  manual = True
 
   def prepare(self, tree: PyTree) -> PyTree:
     try:

@@ -23,7 +23,7 @@ from jaxaccum._core import dtypes
 from jaxaccum._devices import specs
 from jaxaccum._devices.data_axis import DataAxis
 from jaxaccum._devices.deferred import DeferredGrads
-from jaxaccum._steps import checks
+from jaxaccum._steps import checks, restore
 from jaxaccum._steps.config import Config, Params, ShouldSkipUpdateFn, Updates
 from jaxaccum._steps.state import MultiSteps, MultiStepsState
 
@@ -196,7 +196,8 @@ def _zero_sums(cfg: Config, params: Params) -> Any:
 def _update(cfg: Config, updates: Updates, state: MultiStepsState, params: Params | None,
             weight: jax.typing.ArrayLike | None, extra_args: dict[str, Any]):
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
-  grads = checks.incoming(cfg, updates, state.acc_grads)
+  acc_grads = restore.converted(cfg, updates, state.acc_grads)
+  grads = checks.incoming(cfg, updates, acc_grads)
   checks.check_axes_bound(cfg.axis_name)
   k = checks.every_k(cfg.schedule, state.gradient_step)
   skip, skip_state = cfg.skip_fn(grads, state.gradient_step, params)
@@ -205,7 +206,7 @@ def _update(cfg: Config, updates: Updates, state: MultiStepsState, params: Param
   # A skipped call, or one of weight zero, adds exactly nothing (not NaN * 0).
   w = jnp.where(skip, jnp.zeros_like(w), w)
   acc_grads = jax.tree.map(lambda acc, g: acc + dtypes.scale_by_weight(g, w, acc.dtype),
-                           state.acc_grads, grads)
+                           acc_grads, grads)
   acc_weight = state.acc_weight + w
   mini_step = jnp.where(skip, state.mini_step, optax.safe_increment(state.mini_step))
   emit = jnp.logical_and(jnp.logical_not(skip), mini_step >= k)
@@ -263,8 +264,11 @@ def _cycle_end(cfg: Config, k: jax.Array, emit: jax.Array, inner_update: Callabl
 
   def continue_cycle(acc_grads, acc_weight, inner_state):
     grads = jax.eval_shape(reduced, acc_grads, acc_weight)[0] if cfg.data else acc_grads
-    shapes = jax.eval_shape(inner_update, grads, inner_state)[0]
+    shapes, state_shapes = jax.eval_shape(inner_update, grads, inner_state)
     zero_updates = jax.tree.map(_zeros_of, shapes)
+    if not axes:  # with axis_name the inner update sees reduced, invariant sums
+      zero_updates, inner_state = _varying_like((zero_updates, inner_state),
+                                                (shapes, state_shapes))
     return (zero_updates, inner_state,
             specs.to_varying((acc_grads, acc_weight), axes))
 
@@ -278,6 +282,14 @@ def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
   if not _named(getattr(sharding, "spec", P())):
     return jnp.zeros(shape.shape, shape.dtype)
   return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
+
+
+def _varying_like(tree: Any, shapes: Any) -> Any:
+  """``tree`` device-varying where ``shapes`` are: inside a user's ``shard_map``
+  over device-varying parameters (no ``axis_name``), the inner update varies
+  over its axes, and both cond branches must have its types."""
+  return jax.tree.map(lambda x, s: specs.to_varying(x, tuple(specs.varying_axes(s))),
+                      tree, shapes)
 
 
 def _named(spec: P) -> bool:

@@ -30,6 +30,9 @@ class MultiStepsState(NamedTuple):
       *param.shape)`` (``D`` devices along the data axes), sharded over them
       on its leading dimension: each device's running sum in its own row,
       as in :class:`jaxaccum.DeferredGrads`; the rows sum to the cycle's sum.
+      A state restored with another ``D``, or with / without ``data_axis``,
+      is converted on the first ``update`` (its rows summed, never broadcast;
+      ``docs/multi_steps.md``).
     acc_weight: float32, the current cycle's sum of weights (the number of
       accumulated calls without ``weight``).
     skip_state: the second output of ``should_skip_update_fn`` on the last
