@@ -66,7 +66,8 @@ def test_flax_is_an_extra_not_a_dependency():
 
 
 def test_flax_adapters_name_the_extra_without_flax(monkeypatch):
-  for module in ("jaxaccum.nnx", "jaxaccum._flax.nnx_args", "jaxaccum.linen"):
+  for module in ("jaxaccum.nnx", "jaxaccum._flax.nnx_args", "jaxaccum._flax.loss_scale",
+                 "jaxaccum.linen"):
     monkeypatch.delitem(sys.modules, module, raising=False)
   monkeypatch.setitem(sys.modules, "flax", None)  # what Python does for a missing package
   for module in ("jaxaccum.nnx", "jaxaccum.linen"):
