@@ -176,20 +176,38 @@ def test_deferred_gradients_elsewhere_name_multi_steps(tx):
     _deferred_step(tx)
 
 
-def test_deferred_gradients_given_to_nnx_optimizer_point_to_the_recipe():
+def _nnx_optimizer_run(tx_of):
+  """Two calls of ``nnx.Optimizer(model, tx_of(ms))`` on deferred gradients, and
+  plain sgd once on both calls' rows."""
   from flax import nnx
 
   mesh = _mesh(8)
   _, (x, y) = _problem()
-  grad_fn = jaxaccum.nnx.grad(lambda m, x, y: jnp.mean((m(x) - y) ** 2), num_microbatches=2,
-                              batch_argnums=(1, 2), data_axis="data", defer_reduction=True)
+  loss = lambda m, x, y: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+  grad_fn = jaxaccum.nnx.grad(loss, num_microbatches=2, batch_argnums=(1, 2),
+                              data_axis="data", defer_reduction=True)
+  ref = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+  want = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(ref, nnx.Param),
+                      nnx.grad(loss)(ref, x[:32], y[:32]))
   with jax.set_mesh(mesh):
     model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, jaxaccum.multi_steps(optax.sgd(0.1), 2, data_axis="data"),
-                              wrt=nnx.Param)
-    x, y = jax.device_put((x, y), NamedSharding(mesh, P("data")))
-    with pytest.raises(TypeError, match="nnx.Optimizer.*docs/flax.md"):
-      nnx.jit(lambda m, o, x, y: o.update(m, grad_fn(m, x, y)))(model, optimizer, x, y)
+    ms = jaxaccum.multi_steps(optax.sgd(0.1), 2, data_axis="data")
+    optimizer = nnx.Optimizer(model, tx_of(ms), wrt=nnx.Param)
+    step = nnx.jit(lambda m, o, x, y: o.update(m, grad_fn(m, x, y)))
+    for i in range(2):
+      step(model, optimizer, *jax.device_put((x[i:32:2], y[i:32:2]),
+                                             NamedSharding(mesh, P("data"))))
+    return nnx.state(model, nnx.Param), want
+
+
+def test_deferred_gradients_through_nnx_optimizer_are_exact():
+  got, want = _nnx_optimizer_run(lambda ms: ms)
+  assert_rel_close(got, want, 1e-5)
+
+
+def test_a_transformation_between_nnx_optimizer_and_multi_steps_is_an_error():
+  with pytest.raises(TypeError, match="nnx.Optimizer.*inner optimizer.*docs/flax.md"):
+    _nnx_optimizer_run(lambda ms: optax.chain(optax.clip_by_global_norm(0.1), ms))
 
 
 def _grad_on(mesh, fun, *args, **kwargs):

@@ -106,7 +106,8 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
   Raises:
     ValueError: :class:`DeferredGrads` rebuilt by a pytree operation.
     TypeError: :class:`DeferredGrads` flattened into a plain pytree (what
-      ``nnx.Optimizer.update`` does), whose sums it cannot tell from a gradient.
+      ``nnx.Optimizer.update`` does) that :func:`from_nnx_optimizer` did not
+      take back: it came through a transformation, or has other shapes.
   """
   if isinstance(updates, DeferredGrads) and getattr(updates, "_rebuilt", False):
     raise ValueError(
@@ -123,7 +124,29 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
     raise TypeError(
         "multi_steps(data_axis=...) got a pytree holding DeferredGrads' partials (what "
         "nnx.Optimizer.update makes of DeferredGrads: it filters gradients as an "
-        "nnx.State). Call ms.update(grads, opt_state, params) and nnx.update(model, "
-        "optax.apply_updates(params, updates)) directly (docs/flax.md, "
-        "'nnx.Optimizer with multi_steps'), or drop defer_reduction=True to use "
-        "nnx.Optimizer(model, multi_steps(..., data_axis=...))")
+        "nnx.State), but not straight from nnx.Optimizer or not of this accumulator's "
+        "shapes: a transformation between them would act on the per-device partial "
+        "sums. Give nnx.Optimizer the multi_steps itself, with gradient transformations "
+        "in its inner optimizer: nnx.Optimizer(model, multi_steps(optax.chain(clip, "
+        "adamw), k, data_axis=...)) (docs/flax.md, 'nnx.Optimizer with multi_steps')")
+
+
+def from_nnx_optimizer(updates: Any, acc_grads: Any, axes: tuple, caller: str) -> Any:
+  """:class:`DeferredGrads` again, from what ``nnx.Optimizer.update`` makes of them.
+
+  ``nnx.Optimizer.update`` filters the gradients into an ``nnx.State``:
+  ``DeferredGrads`` become ``{"partials": sums}``. Given straight from flax's
+  optimizer (``caller``, the module that called ``update``: no transformation
+  in between) with exactly the accumulator's paths and shapes, the sums are
+  the partial sums, unchanged; anything else is returned as it is.
+  """
+  if not caller.startswith("flax.nnx") or not hasattr(updates, "keys"):
+    return updates
+  if list(updates.keys()) != ["partials"]:
+    return updates
+  inner = updates["partials"]
+  paths = lambda tree: [(jax.tree_util.keystr(p), jax.numpy.shape(x))  # noqa: E731
+                        for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+  if paths(inner) != paths(acc_grads):
+    return updates
+  return DeferredGrads(jax.tree.structure(acc_grads).unflatten(jax.tree.leaves(inner)), axes)

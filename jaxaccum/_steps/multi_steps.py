@@ -9,6 +9,7 @@ a traced value it cannot honour makes the cycle's updates NaN.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxaccum._core import dtypes
 from jaxaccum._devices import specs
 from jaxaccum._devices.data_axis import DataAxis
+from jaxaccum._devices import deferred
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._steps import checks, restore
 from jaxaccum._steps.config import Config, Params, ShouldSkipUpdateFn, Updates
@@ -167,6 +169,10 @@ def multi_steps(
 
   def update_fn(updates: Updates, state: MultiStepsState, params: Params | None = None,
                 *, weight: jax.typing.ArrayLike | None = None, **extra_args):
+    if cfg.data is not None:
+      # nnx.Optimizer.update hands DeferredGrads on as an nnx.State.
+      caller = sys._getframe(1).f_globals.get("__name__", "")
+      updates = deferred.from_nnx_optimizer(updates, state.acc_grads, cfg.data.axes, caller)
     return _update(cfg, updates, state, params, weight, extra_args)
 
   return MultiSteps.create(functools.partial(_init, cfg), update_fn, cfg)
