@@ -234,10 +234,11 @@ class _Spec(NamedTuple):
     the differentiated trees are one argument in front, the states at the end."""
     o = self.options
     data = o.data if o.data is None else dataclasses.replace(o.data, param_specs=param_specs)
+    states = (num_args + 1, num_args + 2)
     return dataclasses.replace(
         o, argnums=(0,), has_aux=True, argnums_is_int=True, data=data,
         batch_argnums=tuple(i + 1 for i in o.batch_argnums),
-        state_argnums=(num_args + 1, num_args + 2), state_is_tuple=True,
+        state_argnums=states, state_is_tuple=True, positions=(0, *states),
         state_policies=(self.state_policy, "sequential"))
 
   def param_specs(self, diff: tuple) -> Any:

@@ -20,12 +20,10 @@ from jax._src import traceback_util
 
 from jaxaccum._core import loop as _loop
 from jaxaccum._core import microbatch
-from jaxaccum._devices import parallel
 from jaxaccum._devices import data_axis as _data_axis
 from jaxaccum._core.microbatch import Binding, Plan
 from jaxaccum._core.options import AuxReduction, Options, Reduction, StatePolicy
 from jaxaccum._devices.data_axis import DataAxis, FsdpGather
-from jaxaccum._devices.data_strategies import BatchLayout
 
 AxisName = Hashable | Sequence[Hashable] | None
 
@@ -204,16 +202,15 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
   micro-batch it calls ``fun`` eagerly, bit-identical to
   :func:`jax.value_and_grad`.
   """
-  binding = Binding.of(fun, options)
   grad_fn = jax.value_and_grad(
       _checked(fun, options),
       argnums=options.argnums[0] if options.argnums_is_int else options.argnums,
       has_aux=options.has_aux or bool(options.state_argnums))
+  binding = Binding.of(fun, options)
 
   def accumulate(plan: Plan, args: tuple, kwargs: dict) -> _loop.Outputs:
-    strategy = _strategy(options, plan)
     try:
-      return _loop.accumulate(options, plan, grad_fn, strategy, args, kwargs)
+      return _loop.accumulate(options, plan, grad_fn, args, kwargs)
     except (TypeError, ValueError) as e:
       hint = _unsplit_hint(options, plan, args, kwargs)
       if hint is None:
@@ -240,17 +237,6 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
     return compiled(plan, static, arrays)
 
   return call
-
-
-def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
-  """The multi-device strategy of one call."""
-  if options.data is not None:
-    layout = BatchLayout(options.argnums, plan.positions, plan.names, plan.axes,
-                         options.aux_reduction)
-    return _data_axis.DataStrategy(options.data, options, layout)
-  if options.axis_name:
-    return parallel.Named(options.axis_name)
-  return parallel.Local()
 
 
 def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:

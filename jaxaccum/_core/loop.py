@@ -26,7 +26,8 @@ from jaxaccum._core import stats as _stats
 from jaxaccum._core.microbatch import Micro, Plan
 from jaxaccum._core.options import Options
 from jaxaccum._core.reducers import Accumulator, Totals
-from jaxaccum._devices import parallel, specs
+from jaxaccum._devices import data_axis, parallel, specs
+from jaxaccum._devices.data_strategies import BatchLayout
 
 PyTree = Any
 
@@ -50,9 +51,11 @@ class Outputs(NamedTuple):
   stats: Any
 
 
-def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
-               strategy: parallel.Strategy, args: tuple, kwargs: dict) -> Outputs:
-  """Runs the loop under ``strategy`` and returns the :class:`Outputs`."""
+def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any], args: tuple,
+               kwargs: dict) -> Outputs:
+  """Runs the loop under the call's multi-device strategy and returns the
+  :class:`Outputs`."""
+  strategy = _strategy(options, plan)
   real = options.num_real_microbatches
   if not isinstance(real, jax.Array):
     return strategy.run(lambda strategy, args, kwargs: _run(
@@ -65,6 +68,17 @@ def accumulate(options: Options, plan: Plan, grad_fn: Callable[..., Any],
   # An array count travels as one more (replicated) argument: a shard_map over
   # Explicit axes may not close over it.
   return strategy.run(loop, args + (real,), kwargs)
+
+
+def _strategy(options: Options, plan: Plan) -> parallel.Strategy:
+  """The multi-device strategy of one call."""
+  if options.data is not None:
+    layout = BatchLayout(options.argnums, plan.positions, plan.names, plan.axes,
+                         options.aux_reduction)
+    return data_axis.DataStrategy(options.data, options, layout)
+  if options.axis_name:
+    return parallel.Named(options.axis_name)
+  return parallel.Local()
 
 
 def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
@@ -182,11 +196,10 @@ def _reduce(options: Options, acc: Accumulator, strategy: parallel.Strategy, n: 
   devices = strategy.num_devices()
   count = n if real is None else real
   totals = Totals(sums, count * devices, devices, acc.like, _single(n, strategy))
-  done = acc.finalize(totals)
+  done, states = acc.finalize(totals, seq_states)
   summed = done.aux or {}
   aux = [summed[i] if i in summed else concat[i] if i in concat
          else _device_mean(stacked[i], devices) for i in range(len(kinds))]
-  states = _states(options, seq_states, done.mean_states or {}, devices)
   stats = _make_stats(totals, count, acc.rows) if options.with_stats else None
   outputs = Outputs(done.value, jax.tree.structure(acc.like.aux).unflatten(aux), states,
                     strategy.result(done.grads), stats)
@@ -213,22 +226,6 @@ def _device_mean(x: jax.Array, devices: int) -> jax.Array:
   wide = _dtypes.wide(x.dtype)
   mean = x.astype(wide) / jnp.asarray(devices, wide)
   return mean.astype(x.dtype) if _dtypes.is_float(x) else mean
-
-
-def _states(options: Options, seq_states: tuple, means: dict, devices: int) -> tuple:
-  """The final states in ``state_argnums`` order (sequential ones averaged over devices)."""
-  seq = iter(seq_states)
-  out = []
-  for p in options.state_argnums:
-    if p in means:
-      out.append(means[p])
-      continue
-    state = next(seq)
-    if devices > 1:
-      state = jax.tree.map(lambda s: s / jnp.asarray(devices, s.dtype)
-                           if _dtypes.is_float(s) else s // devices, state)
-    out.append(state)
-  return tuple(out)
 
 
 def _make_stats(totals: Totals, n: Any, rows: int) -> _stats.AccumulationStats:

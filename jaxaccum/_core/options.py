@@ -275,8 +275,8 @@ class Options:
   Built with :meth:`create` from the keyword arguments of
   :func:`jaxaccum.value_and_grad` (see :data:`OPTIONS` for what each one
   means): positions as tuples, axes as tuples of names, the data-parallel
-  keywords as one :class:`~jaxaccum.DataAxis`; then two facts derived from
-  how the options were given.
+  keywords as one :class:`~jaxaccum.DataAxis`; then the facts derived from
+  them, once.
   """
 
   num_microbatches: int | None
@@ -299,9 +299,11 @@ class Options:
   defer_reduction: bool
   in_axes: tuple[int, ...]
   num_real_microbatches: Any
-  # Derived from how the options were given.
+  # Derived once: how the options were given, and what they imply.
   argnums_is_int: bool
   state_is_tuple: bool
+  weighted: bool
+  positions: tuple[int, ...]
 
   @classmethod
   def create(cls, **given: Any) -> Options:
@@ -313,23 +315,17 @@ class Options:
     for name in ("mesh", "param_specs", "fsdp_gather"):
       del v[name]  # held by the DataAxis
     return cls(**v, argnums_is_int=not checks.is_sequence(given.get("argnums", 0)),
-               state_is_tuple=checks.is_sequence(given.get("state_argnums", ())))
+               state_is_tuple=checks.is_sequence(given.get("state_argnums", ())),
+               # Micro-batches carry weights (weight_fn or skipping).
+               weighted=v["weight_fn"] is not None or v["skip_nonfinite"],
+               # The positional arguments an option names, other than the batch
+               # (which may be passed by keyword where fun's signature allows).
+               positions=v["argnums"] + v["rng_argnums"] + v["state_argnums"])
 
   @property
   def data_axis(self) -> tuple[Hashable, ...]:
     """The data axes (empty without ``data_axis``)."""
     return () if self.data is None else self.data.axes
-
-  @property
-  def weighted(self) -> bool:
-    """Whether micro-batches carry weights (``weight_fn`` or skipping)."""
-    return self.weight_fn is not None or self.skip_nonfinite
-
-  @property
-  def positions(self) -> tuple[int, ...]:
-    """The positional arguments an option names, other than the batch (which
-    may be passed by keyword where ``fun``'s signature allows)."""
-    return self.argnums + self.rng_argnums + self.state_argnums
 
   def describe_positions(self) -> str:
     """The positional options, for messages (one position shown as an int)."""

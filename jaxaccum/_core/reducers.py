@@ -271,12 +271,14 @@ class Accumulator(NamedTuple):
     kinds: each aux leaf's reduction.
     like: the first micro-batch's :class:`Micro` (shapes and dtypes).
     rows: the rows of a micro-batch on one device.
+    state_argnums: the state arguments, in order.
   """
 
   reducers: Sums
   kinds: tuple[str, ...]
   like: Micro
   rows: int
+  state_argnums: tuple[int, ...]
 
   @classmethod
   def build(cls, options: Options, like: Micro, rows: int,
@@ -292,7 +294,7 @@ class Accumulator(NamedTuple):
         aux=on(any(k in ("mean", "sum") for k in kinds), lambda: aux(kinds)),
         mean_states=on(mean_inputs, lambda: mean_states(options, mean_inputs)),
         sq_norm=on(options.with_stats, sq_norm))
-    return cls(reducers, kinds, like, rows)
+    return cls(reducers, kinds, like, rows, options.state_argnums)
 
   def contribute(self, m: Micro) -> Sums:
     """What micro-batch ``m`` adds to the sums."""
@@ -303,7 +305,21 @@ class Accumulator(NamedTuple):
     aux = jax.tree.leaves(m.aux)
     return {i: aux[i] for i, k in enumerate(self.kinds) if k in ("stack", "concat")}
 
-  def finalize(self, totals: Totals) -> Sums:
-    """Every reduced sum as its result."""
-    return Sums(*(None if r is None else r.finalize(t, totals)
+  def finalize(self, totals: Totals, seq_states: tuple) -> tuple[Sums, tuple]:
+    """Every reduced sum as its result, and the final states in
+    ``state_argnums`` order (``seq_states``: the ``"sequential"`` ones, summed
+    over devices)."""
+    done = Sums(*(None if r is None else r.finalize(t, totals)
                   for r, t in zip(self.reducers, totals.sums)))
+    means, seq = done.mean_states or {}, iter(seq_states)
+    states = tuple(means[p] if p in means else _state_over_devices(next(seq), totals.devices)
+                   for p in self.state_argnums)
+    return done, states
+
+
+def _state_over_devices(state: PyTree, devices: int) -> PyTree:
+  """A sequential state summed over devices, as their mean (integers: floor)."""
+  if devices == 1:
+    return state
+  return jax.tree.map(lambda s: s / jnp.asarray(devices, s.dtype)
+                      if _dtypes.is_float(s) else s // devices, state)
