@@ -168,6 +168,47 @@ def test_a_transformation_before_multi_steps_on_deferred_gradients_is_an_error()
                                                   optax.sgd(1.0)), 1, data_axis="data"))
 
 
+def _boundaries(launder):
+  """DeferredGrads from a jitted gradient function (called three times: jit's
+  fast path from the second call on), each handed through ``launder`` to an
+  eager ``multi_steps`` update; the parameters after one cycle, and the
+  reference (sgd on the sum over the devices' rows of each call)."""
+  grad_fn = jax.jit(jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data",
+                                            defer_reduction=True))
+  ms = jaxaccum.multi_steps(optax.sgd(1.0), K, data_axis="data")
+  mesh, (params, batch) = _mesh(8), _problem()
+  want = jax.tree.map(lambda p, g: p - g, params, jax.grad(loss)(params, batch))
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    state = ms.init(params)
+    for _ in range(K):
+      updates, state = ms.update(launder(grad_fn(params, batch)[1]), state, params)
+    return optax.apply_updates(params, updates), want
+
+
+@pytest.mark.parametrize("launder", [lambda g: g, jax.device_put, jax.jit(lambda g: g)],
+                         ids=["as-is", "device_put", "jit-identity"])
+def test_deferred_gradients_through_transformation_boundaries_are_exact(launder):
+  got, want = _boundaries(launder)
+  assert_rel_close(got, want, 1e-5)
+
+
+def test_deferred_gradients_through_equinox_filter_jit_are_exact():
+  eqx = pytest.importorskip("equinox")
+  got, want = _boundaries(eqx.filter_jit(lambda g: g))
+  assert_rel_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("launder", [
+    jax.jit(lambda g: jax.tree.map(lambda a: 2 * a, g)),
+    jax.jit(lambda g: optax.clip_by_global_norm(0.1).update(g, optax.EmptyState())[0]),
+], ids=["tree.map-in-jit", "clip-in-jit"])
+def test_a_transformation_inside_jit_is_still_an_error(launder):
+  with pytest.raises(ValueError, match=r"rebuilt by a pytree operation"):
+    _boundaries(launder)
+
+
 @pytest.mark.parametrize("tx", [optax.adamw(1e-3), optax.sgd(0.1),
                                 optax.MultiSteps(optax.sgd(0.1), 2).gradient_transformation()],
                          ids=["adamw", "apply_updates", "optax.MultiSteps"])

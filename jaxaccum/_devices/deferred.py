@@ -39,9 +39,10 @@ class DeferredGrads(metaclass=_Named):
   partial sums, not the gradient (``clip_by_global_norm`` would take their
   norm), so ``multi_steps(data_axis=)`` takes only the very value that
   ``value_and_grad`` returned: one rebuilt by a pytree operation (a
-  transformation before it in an ``optax.chain``, a ``jax.tree.map``) is a
-  ``ValueError``; ``jax.jit`` and other transformations that hand the values
-  on unchanged keep it usable. Put gradient transformations in
+  transformation before it in an ``optax.chain``, a ``jax.tree.map``, also
+  inside a ``jax.jit`` or ``lax.cond``) is a ``ValueError``; ``jax.jit``,
+  ``shard_map``, ``nnx.jit`` and ``eqx.filter_jit`` boundaries, which hand
+  the values on unchanged, keep it usable. Put gradient transformations in
   ``multi_steps``' inner optimizer, which sees the reduced gradient.
 
   Attributes:
@@ -53,6 +54,7 @@ class DeferredGrads(metaclass=_Named):
       over the leading axis is the reduced gradient the same call would
       return without ``defer_reduction``.
     axes: the mesh axes the reduction is deferred over (static).
+    rebuilt: whether a pytree operation rebuilt it (static; set by jaxaccum).
 
   Example:
 
@@ -64,6 +66,7 @@ class DeferredGrads(metaclass=_Named):
 
   partials: Any
   axes: tuple[Hashable, ...]
+  rebuilt: bool = dataclasses.field(default=False, repr=False, compare=False)
 
   def __repr__(self):
     # Printed by some jax versions' pytree structure errors ("Expected dict,
@@ -72,22 +75,25 @@ class DeferredGrads(metaclass=_Named):
 
 
 def _flatten(g: DeferredGrads) -> tuple:
-  return ((jax.tree_util.GetAttrKey("partials"), g.partials),), g.axes
+  # ``rebuilt`` is static: it rides in the treedef through jit, shard_map and
+  # cond outputs, so a transformation inside them cannot launder it.
+  return ((jax.tree_util.GetAttrKey("partials"), g.partials),), (g.axes, g.rebuilt)
 
 
-def _unflatten(axes: tuple, children: Any) -> DeferredGrads:
-  g = DeferredGrads(children[0], axes)
-  if _by_a_tree_map(sys._getframe(1)):
-    object.__setattr__(g, "_rebuilt", True)
-  return g
+def _unflatten(meta: tuple, children: Any) -> DeferredGrads:
+  axes, rebuilt = meta
+  return DeferredGrads(children[0], axes, rebuilt or _by_a_tree_map(sys._getframe(1)))
 
 
 def _by_a_tree_map(frame: Any) -> bool:
-  """Whether a pytree operation that may change the leaves (``jax.tree.map``
-  in optax, flax's optimizer or user code) rebuilds a :class:`DeferredGrads`,
-  rather than a transformation that hands the same values on (``jax.jit`` in-
-  and outputs, ``shard_map``, ``lax.cond``, ``nnx.jit``): what tells them apart
-  is the first caller outside jax's pytree functions."""
+  """Whether a Python pytree operation that may change the leaves (a
+  ``jax.tree.map`` in optax or user code) rebuilds a :class:`DeferredGrads`,
+  rather than a transformation that hands the same values on: ``jax.jit``'s
+  C++ fast path calls this directly (no pytree function between), and jax,
+  flax's NNX transforms, equinox and jaxaccum call pytree functions to hand
+  values on."""
+  if frame is None or frame.f_globals.get("__name__") not in _PYTREE_MODULES:
+    return False
   while frame is not None and frame.f_globals.get("__name__") in _PYTREE_MODULES:
     frame = frame.f_back
   name = "" if frame is None else frame.f_globals.get("__name__", "")
@@ -95,7 +101,8 @@ def _by_a_tree_map(frame: Any) -> bool:
 
 
 _PYTREE_MODULES = ("jax._src.tree_util", "jax._src.tree", "jax.tree_util", "jax.tree")
-_TRANSFORMATION_MODULES = ("jax.", "flax.nnx.transforms", "flax.nnx.graph", "jaxaccum.")
+_TRANSFORMATION_MODULES = ("jax.", "jaxlib.", "flax.nnx.transforms", "flax.nnx.graph",
+                           "equinox.", "jaxaccum.")
 
 jax.tree_util.register_pytree_with_keys(DeferredGrads, _flatten, _unflatten)
 
@@ -109,7 +116,7 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
       ``nnx.Optimizer.update`` does) that :func:`from_nnx_optimizer` did not
       take back: it came through a transformation, or has other shapes.
   """
-  if isinstance(updates, DeferredGrads) and getattr(updates, "_rebuilt", False):
+  if isinstance(updates, DeferredGrads) and updates.rebuilt:
     raise ValueError(
         "multi_steps(data_axis=...) got DeferredGrads rebuilt by a pytree operation, "
         "such as a transformation before it (optax.chain(optax.clip_by_global_norm(...), "
