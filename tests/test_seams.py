@@ -370,3 +370,46 @@ def test_nnx_names_a_batch_sized_differentiated_argument():
   g = jaxaccum.nnx.grad(fun, num_microbatches=4, argnums=(0, 1), batch_argnums=2)
   with pytest.raises(TypeError, match=r"differentiated argument\(s\) \[1\].*batch_argnums"):
     nnx.jit(g)(nnx.Linear(4, 1, rngs=nnx.Rngs(0)), jnp.ones((x.shape[0], 1)), x)
+
+
+def test_a_data_axis_state_restored_under_axis_name_is_an_error():
+  mesh = _mesh(8)
+  params = {"w": jnp.zeros((3, 2))}
+  ms = jaxaccum.multi_steps(optax.sgd(1.0), K, data_axis="data")
+  with jax.set_mesh(mesh):
+    _, saved = jax.jit(ms.update)({"w": jnp.ones((3, 2))}, ms.init(params), params)
+  under_pmap = jaxaccum.multi_steps(optax.sgd(1.0), K, axis_name="data")
+  auto = _mesh(8, AxisType.Auto)
+  step = jax.shard_map(lambda s, g: under_pmap.update(g, s, params)[0], mesh=auto,
+                       in_specs=(P(), P()), out_specs=P(), check_vma=False)
+  with pytest.raises(ValueError, match=r"axis_name=.*saved with data_axis"):
+    step(jax.device_get(saved), {"w": jnp.ones((3, 2))})
+
+
+def test_nnx_optimizer_with_deferred_gradients_resumes_on_another_device_count():
+  from flax import nnx
+
+  loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+  _, (x, y) = _problem()
+  calls = [(x[i:32:2], y[i:32:2]) for i in range(2)]
+
+  def run(devices, call, restored=None):
+    mesh = _mesh(devices)
+    with jax.set_mesh(mesh):
+      model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+      optimizer = nnx.Optimizer(model, jaxaccum.multi_steps(optax.sgd(0.1), 2, data_axis="data"),
+                                wrt=nnx.Param)
+      if restored is not None:
+        nnx.update(optimizer, restored)
+      grad_fn = jaxaccum.nnx.grad(loss_fn, num_microbatches=2, batch_argnums=(1, 2),
+                                  data_axis="data", defer_reduction=True)
+      nnx.jit(lambda m, o, x, y: o.update(m, grad_fn(m, x, y)))(
+          model, optimizer, *jax.device_put(calls[call], NamedSharding(mesh, P("data"))))
+      return jax.device_get(nnx.state(optimizer)), nnx.state(model, nnx.Param)
+
+  saved, _ = run(8, 0)                     # mid-cycle on 8 devices
+  _, got = run(4, 1, restored=saved)       # the cycle ends on 4
+  ref = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+  want = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(ref, nnx.Param),
+                      nnx.grad(loss_fn)(ref, x[:32], y[:32]))
+  assert_rel_close(got, want, 1e-5)

@@ -138,22 +138,25 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
         "adamw), k, data_axis=...)) (docs/flax.md, 'nnx.Optimizer with multi_steps')")
 
 
-def from_nnx_optimizer(updates: Any, acc_grads: Any, axes: tuple, caller: str) -> Any:
+def from_nnx_optimizer(updates: Any, params: Any, devices: int, axes: tuple,
+                       caller: str) -> Any:
   """:class:`DeferredGrads` again, from what ``nnx.Optimizer.update`` makes of them.
 
   ``nnx.Optimizer.update`` filters the gradients into an ``nnx.State``:
   ``DeferredGrads`` become ``{"partials": sums}``. Given straight from flax's
   optimizer (``caller``, the module that called ``update``: no transformation
-  in between) with exactly the accumulator's paths and shapes, the sums are
-  the partial sums, unchanged; anything else is returned as it is.
+  in between) with the paths of ``params`` and one row per device of the
+  ``devices`` along ``axes``, the sums are the partial sums, unchanged;
+  anything else is returned as it is.
   """
-  if not caller.startswith("flax.nnx") or not hasattr(updates, "keys"):
+  if not caller.startswith("flax.nnx") or params is None or not hasattr(updates, "keys"):
     return updates
   if list(updates.keys()) != ["partials"]:
     return updates
   inner = updates["partials"]
-  paths = lambda tree: [(jax.tree_util.keystr(p), jax.numpy.shape(x))  # noqa: E731
-                        for p, x in jax.tree_util.tree_leaves_with_path(tree)]
-  if paths(inner) != paths(acc_grads):
+  leaves = jax.tree_util.tree_leaves_with_path
+  got = [(jax.tree_util.keystr(p), jax.numpy.shape(x)) for p, x in leaves(inner)]
+  want = [(jax.tree_util.keystr(p), (devices, *jax.numpy.shape(x))) for p, x in leaves(params)]
+  if got != want:
     return updates
-  return DeferredGrads(jax.tree.structure(acc_grads).unflatten(jax.tree.leaves(inner)), axes)
+  return DeferredGrads(jax.tree.structure(params).unflatten(jax.tree.leaves(inner)), axes)

@@ -57,6 +57,10 @@ class DataCycle:
     """The mesh, checked to have the data axes."""
     return self.data.resolve_mesh("multi_steps")
 
+  def devices(self) -> int:
+    """The devices along the data axes."""
+    return self.data.devices("multi_steps")
+
   def explicit(self, mesh: Any) -> bool:
     return self.data.explicit(mesh)
 
@@ -78,7 +82,7 @@ class DataCycle:
   def zeros(self, params: PyTree, dtype_of: Any) -> PyTree:
     """The empty accumulator for ``params``."""
     mesh = self.mesh()
-    d = self.data.devices()
+    d = self.devices()
     return jax.tree.map(
         lambda p, s: self.place(jnp.zeros((d, *jnp.shape(p)), dtype_of(jnp.result_type(p))),
                                 mesh, self.partial_spec(s, jnp.ndim(p))),

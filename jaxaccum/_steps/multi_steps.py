@@ -172,7 +172,8 @@ def multi_steps(
     if cfg.data is not None:
       # nnx.Optimizer.update hands DeferredGrads on as an nnx.State.
       caller = sys._getframe(1).f_globals.get("__name__", "")
-      updates = deferred.from_nnx_optimizer(updates, state.acc_grads, cfg.data.axes, caller)
+      updates = deferred.from_nnx_optimizer(updates, params, cfg.data.devices(),
+                                            cfg.data.axes, caller)
     return _update(cfg, updates, state, params, weight, extra_args)
 
   return MultiSteps.create(functools.partial(_init, cfg), update_fn, cfg)

@@ -36,14 +36,22 @@ def converted(cfg: Config, updates: Any, acc_grads: Any) -> Any:
     the same sum in this transformation's form.
   """
   grads = updates.partials if isinstance(updates, DeferredGrads) else updates
-  if cfg.axis_name or jax.tree.structure(grads) != jax.tree.structure(acc_grads):
-    return acc_grads  # device-local sums under axis_name; a structure error follows
+  if jax.tree.structure(grads) != jax.tree.structure(acc_grads):
+    return acc_grads  # a structure error follows
   shapes = [jnp.shape(g)[1:] if isinstance(updates, DeferredGrads) else jnp.shape(g)
             for g in jax.tree.leaves(grads)]
-  rows = () if cfg.data is None else (cfg.data.data.devices("multi_steps"),)
+  rows = () if cfg.data is None else (cfg.data.devices(),)
   leaves = jax.tree.leaves(acc_grads)
   if all(jnp.shape(a) == rows + s for a, s in zip(leaves, shapes)):
     return acc_grads
+  if cfg.axis_name:
+    raise ValueError(
+        "multi_steps(axis_name=...) got a state whose accumulator has shapes "
+        f"{[jnp.shape(a) for a in leaves]} for gradients of shapes {shapes}: a state "
+        "saved with data_axis (one row per device) or of other parameters. Under "
+        "axis_name each device keeps its own sum, which a restored row sum cannot be "
+        "split into; restore it into multi_steps(data_axis=...) or into one without "
+        "either, or start the cycle again from ms.init(params)")
   sums = [_total(a, s, rows, cfg) for a, s in zip(leaves, shapes)]
   total = jax.tree.structure(acc_grads).unflatten(sums)
   return total if cfg.data is None else cfg.data.partials(total, total)
