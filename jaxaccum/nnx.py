@@ -50,7 +50,8 @@ from jaxaccum._devices import parallel
 from jaxaccum._devices import specs as _specs
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._core import checks
-from jaxaccum._core.options import STATE_POLICIES, AuxReduction, Options, Reduction, StatePolicy
+from jaxaccum._core.options import (OPTIONS, STATE_POLICIES, AuxReduction, Options, Reduction,
+                                    StatePolicy)
 from jaxaccum._devices.data_axis import DataAxis, FsdpGather
 from jaxaccum._core.accumulate import Layout
 
@@ -208,18 +209,16 @@ class _Spec(NamedTuple):
   def create(cls, names: dict[str, Any]) -> _Spec:
     given = {k: v for k, v in names.items() if k != "f"}
     argnums, wrt = given.pop("argnums"), given.pop("wrt")
-    # nnx.BatchStat variables are the one state: one policy.
-    policy = checks.choice("state_policy", given["state_policy"], STATE_POLICIES)
-    single = not isinstance(argnums, Sequence)
+    policy = OPTIONS["state_policy"].check("state_policy", given["state_policy"])
+    if not isinstance(policy, str):
+      raise TypeError(f"jaxaccum.nnx takes one state_policy, for nnx.BatchStat: one of "
+                      f"{STATE_POLICIES}, got state_policy={policy!r}")
+    single = not checks.is_sequence(argnums)
     entries = (argnums,) if single else tuple(argnums)
-    diff = {}
-    for entry in entries:
-      if isinstance(entry, nnx.DiffState):
-        diff[checks.argnums("argnums", entry.argnum)[0]] = entry.filter
-      else:
-        diff[checks.argnums("argnums", entry)[0]] = wrt
-    if not diff or len(diff) != len(entries):
-      raise ValueError(f"argnums must name distinct arguments, got {argnums=}")
+    given_positions = [e.argnum if isinstance(e, nnx.DiffState) else e for e in entries]
+    nums = checks.nonempty_argnums(
+        "argnums", given_positions[0] if single else tuple(given_positions))
+    diff = {n: e.filter if isinstance(e, nnx.DiffState) else wrt for n, e in zip(nums, entries)}
     given["state_policy"] = "sequential"  # BatchStat is no core state argument
     # The user's positions, so that a message names what the user gave.
     options = Options.create(argnums=next(iter(diff)) if single else tuple(diff), **given)

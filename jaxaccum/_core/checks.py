@@ -107,10 +107,13 @@ def optional_callable(name: str, value: Any) -> Any:
   return value
 
 
-def axes(name: str, value: Any) -> tuple[Hashable, ...]:
-  """A mesh axis option as a tuple of axis names (empty for ``None``)."""
-  if value is None:
+def axes(name: str, value: Any, *, required: bool = False) -> tuple[Hashable, ...]:
+  """A mesh axis option as a tuple of axis names (empty for ``None``, unless
+  ``required``)."""
+  if value is None and not required:
     return ()
+  if value is None:
+    raise ValueError(f"{name} must name at least one axis, got {name}=None")
   out = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   for a in out:
     if not isinstance(a, Hashable):

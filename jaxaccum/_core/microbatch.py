@@ -111,7 +111,7 @@ def plan(options: Options, binding: Binding, args: tuple, kwargs: dict,
   if size % (n * devices):
     raise ValueError(
         f"batch size {size} cannot be split into num_microbatches={n} on each of the "
-        f"{devices} devices of data_axis={options.data_axis!r}: it must be divisible "
+        f"{devices} devices of data_axis={options.data.spec!r}: it must be divisible "
         f"by {n * devices}")
   return Plan(positions, names, axes, size, n, devices)
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import jax.numpy as jnp
 
 from jaxaccum._core import checks
-from jaxaccum._devices.data_axis import FSDP_GATHER, DataAxis
+from jaxaccum._devices.data_axis import DataAxis
 
 Reduction = Literal["mean", "sum"]
 AuxReduction = Literal["mean", "sum", "stack", "concat"]
@@ -54,12 +54,9 @@ class Option(NamedTuple):
   takers: tuple[str, ...] = (VG, NNX)
 
 
-def _data_axis(name: str, value: Any) -> Any:
-  return value if isinstance(value, DataAxis) else checks.axes(name, value)
-
-
 def _in_data_axis(name: str, value: Any) -> Any:
-  """Checked by :class:`DataAxis`, after the rule that it needs ``data_axis``."""
+  """Checked by :class:`DataAxis` (the rule ``_axes`` builds it; the options
+  other than ``data_axis`` need it first)."""
   del name
   return value
 
@@ -100,7 +97,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "PRNG key argument(s); micro-batch `i` gets `fold_in(key, i)`", (VG,)),
     Option("axis_name", None, checks.axes,
            "inside `pmap` / `shard_map`: the axis to reduce over, once", (VG, NNX, MS)),
-    Option("data_axis", None, _data_axis,
+    Option("data_axis", None, _in_data_axis,
            "under plain `jit`: the mesh axis (axes) the batch is sharded over, or a "
            "`jaxaccum.DataAxis`", (VG, NNX, MS)),
     Option("mesh", None, _in_data_axis, "the mesh of `data_axis` (default: `jax.set_mesh`'s)",
@@ -113,7 +110,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "also return `jaxaccum.AccumulationStats` (noise scale)"),
     Option("skip_nonfinite", False, checks.boolean,
            "leave out micro-batches with a non-finite loss or gradient"),
-    Option("fsdp_gather", "once", checks.one_of(FSDP_GATHER),
+    Option("fsdp_gather", "once", _in_data_axis,
            "`\"once\"` or `\"per_microbatch\"`: when FSDP parameters are gathered"),
     Option("param_specs", None, _in_data_axis,
            "on Auto mesh axes: the parameters' `PartitionSpec` pytree (or a prefix)",
@@ -182,7 +179,8 @@ def _disjoint(values: dict, raw: dict) -> None:
   for i, a in enumerate(names):
     for b in names[i + 1:]:
       if set(values[a]) & set(values[b]):
-        raise ValueError(f"{a} and {b} overlap: {a}={raw[a]!r}, {b}={raw[b]!r}; "
+        shown = {n: raw[n] if raw[n] is not None else values[n] for n in (a, b)}
+        raise ValueError(f"{a} and {b} overlap: {a}={shown[a]!r}, {b}={shown[b]!r}; "
                          "each argument plays one role")
 
 

@@ -75,9 +75,7 @@ class DataAxis:
                fsdp_gather: FsdpGather = "once"):
     if isinstance(axes, DataAxis):
       raise TypeError(f"DataAxis takes axis names, got {axes!r}")
-    object.__setattr__(self, "axes", checks.axes("data_axis", axes))
-    if not self.axes:
-      raise ValueError("data_axis must name at least one mesh axis, got None")
+    object.__setattr__(self, "axes", checks.axes("data_axis", axes, required=True))
     object.__setattr__(self, "mesh", checks.mesh("mesh", mesh))
     object.__setattr__(self, "param_specs", checks.param_specs("param_specs", param_specs))
     object.__setattr__(self, "fsdp_gather", checks.choice("fsdp_gather", fsdp_gather,
@@ -102,6 +100,10 @@ class DataAxis:
             "give each once, in the DataAxis")
       return data_axis
     return cls(data_axis, **given)
+
+  def __hash__(self):
+    leaves, treedef = jax.tree.flatten(self.param_specs, is_leaf=is_spec)
+    return hash((self.axes, self.mesh, self.fsdp_gather, treedef, tuple(leaves)))
 
   @property
   def spec(self) -> Any:

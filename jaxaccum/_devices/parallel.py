@@ -128,14 +128,7 @@ class Named(Local):
   manual = True
 
   def prepare(self, tree: PyTree) -> PyTree:
-    try:
-      self.num_devices()
-    except NameError as e:
-      raise ValueError(
-          f"axis_name={axis_spec(self.axes)!r} is not an axis of an enclosing "
-          "jax.pmap or jax.shard_map; call the function inside one that binds it, "
-          "or, for a jax.jit step over a sharded batch, use data_axis= instead"
-      ) from e
+    check_bound(self.axes)
     return to_varying(tree, self.axes)
 
   def carry(self, tree: PyTree) -> PyTree:
@@ -149,6 +142,19 @@ class Named(Local):
 
   def rng_salt(self) -> jax.Array | None:
     return lax.axis_index(axis_spec(self.axes)) if self.salted else None
+
+
+def check_bound(axes: Axes) -> None:
+  """``axis_name``'s axes must be bound by an enclosing ``pmap`` / ``shard_map``."""
+  for a in axes:
+    try:
+      lax.axis_size(a)
+    except NameError:
+      raise ValueError(
+          f"axis_name={axis_spec(axes)!r} is not bound here: it is not an axis of an "
+          "enclosing jax.pmap or jax.shard_map; call this inside one that binds it, "
+          "or, for a jax.jit step over a sharded batch, use data_axis= instead"
+      ) from None
 
 
 def salt_keys(keys: PyTree, axes: Axes) -> PyTree:

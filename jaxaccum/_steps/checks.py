@@ -59,17 +59,6 @@ def check_structure(updates: Any, acc_grads: Any) -> None:
         "gradients of the same pytree as the params given to init")
 
 
-def check_axes_bound(axes: tuple[Hashable, ...]) -> None:
-  for a in axes:
-    try:
-      lax.axis_size(a)
-    except NameError:
-      raise ValueError(
-          f"axis_name={specs.axis_spec(axes)!r} is not bound here: multi_steps(axis_name=...) is for "
-          "updates called inside jax.pmap or jax.shard_map over that axis; under "
-          "plain jax.jit over sharded arrays, leave axis_name=None") from None
-
-
 def incoming(cfg: Config, updates: Any, acc_grads: Any) -> Any:
   """The call's gradients, in the accumulator's form."""
   if isinstance(updates, DeferredGrads) and cfg.data is None:

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxaccum._core import dtypes
 from jaxaccum._devices import specs
 from jaxaccum._devices.data_axis import DataAxis
-from jaxaccum._devices import deferred
+from jaxaccum._devices import deferred, parallel
 from jaxaccum._devices.deferred import DeferredGrads
 from jaxaccum._steps import checks, restore
 from jaxaccum._steps.config import Config, Params, ShouldSkipUpdateFn, Updates
@@ -205,7 +205,7 @@ def _update(cfg: Config, updates: Updates, state: MultiStepsState, params: Param
   """One call: add ``updates`` to the cycle; on its last call, run the inner update."""
   acc_grads = restore.converted(cfg, updates, state.acc_grads)
   grads = checks.incoming(cfg, updates, acc_grads)
-  checks.check_axes_bound(cfg.axis_name)
+  parallel.check_bound(cfg.axis_name)
   k = checks.every_k(cfg.schedule, state.gradient_step)
   skip, skip_state = cfg.skip_fn(grads, state.gradient_step, params)
   skip = checks.checked_skip(skip, cfg.axis_name if cfg.shared_skip else ())
