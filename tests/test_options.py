@@ -181,6 +181,10 @@ def test_data_axis_is_validated_once():
     jaxaccum.DataAxis("data", param_specs="data")
   with pytest.raises(ValueError, match="at least one"):
     jaxaccum.DataAxis(())
+  with pytest.raises(ValueError, match="at least one"):
+    jaxaccum.DataAxis(None)
+  with pytest.raises(ValueError, match=r"data_axis='batch' names axes \['batch'\]"):
+    jaxaccum.DataAxis("batch", mesh=mesh)  # a mesh known now is checked now
   with pytest.raises(ValueError, match="not both"):
     jaxaccum.multi_steps(optax.sgd(1.0), 2, axis_name="data",
                          data_axis=jaxaccum.DataAxis("data"))

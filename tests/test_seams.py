@@ -251,6 +251,11 @@ def test_a_transformation_between_nnx_optimizer_and_multi_steps_is_an_error():
     _nnx_optimizer_run(lambda ms: optax.chain(optax.clip_by_global_norm(0.1), ms))
 
 
+def test_deferred_gradients_through_nnx_optimizer_to_multi_steps_without_data_axis():
+  with pytest.raises(TypeError, match=r"without data_axis; pass multi_steps\(\.\.\., data_axis="):
+    _nnx_optimizer_run(lambda ms: jaxaccum.multi_steps(optax.sgd(0.1), 2))
+
+
 def _grad_on(mesh, fun, *args, **kwargs):
   """``jaxaccum.grad`` of ``fun`` deferred over ``mesh``'s data axis, reduced."""
   options = kwargs.pop("options")

@@ -80,6 +80,8 @@ class DataAxis:
     object.__setattr__(self, "param_specs", checks.param_specs("param_specs", param_specs))
     object.__setattr__(self, "fsdp_gather", checks.choice("fsdp_gather", fsdp_gather,
                                                           FSDP_GATHER))
+    if mesh is not None:
+      self.resolve_mesh()  # a mesh known now is checked now
 
   @classmethod
   def of(cls, data_axis: Any, **keywords: Any) -> DataAxis | None:

@@ -107,6 +107,14 @@ _TRANSFORMATION_MODULES = ("jax.", "jaxlib.", "flax.nnx.transforms", "flax.nnx.g
 jax.tree_util.register_pytree_with_keys(DeferredGrads, _flatten, _unflatten)
 
 
+def filtered_partials(updates: Any, acc_grads: Any) -> bool:
+  """Whether ``updates`` is a pytree ``{"partials": ...}`` (what
+  ``nnx.Optimizer.update`` makes of :class:`DeferredGrads`) where the
+  accumulator ``acc_grads`` is not."""
+  keys = list(updates.keys()) if hasattr(updates, "keys") else []
+  return keys == ["partials"] and jax.tree.structure(updates) != jax.tree.structure(acc_grads)
+
+
 def check_untransformed(updates: Any, acc_grads: Any) -> None:
   """Gradients given to ``multi_steps(data_axis=)``: never transformed partial sums.
 
@@ -125,17 +133,16 @@ def check_untransformed(updates: Any, acc_grads: Any) -> None:
         "the partial sums); put it in "
         "multi_steps' inner optimizer, multi_steps(optax.chain(clip, adamw), k, "
         "data_axis=...), and pass it the DeferredGrads value_and_grad returned")
-  keys = list(updates) if hasattr(updates, "keys") else []
-  if keys == ["partials"] and (jax.tree.structure(updates)
-                               != jax.tree.structure(acc_grads)):
+  if filtered_partials(updates, acc_grads):
     raise TypeError(
         "multi_steps(data_axis=...) got a pytree holding DeferredGrads' partials (what "
         "nnx.Optimizer.update makes of DeferredGrads: it filters gradients as an "
-        "nnx.State), but not straight from nnx.Optimizer or not of this accumulator's "
-        "shapes: a transformation between them would act on the per-device partial "
-        "sums. Give nnx.Optimizer the multi_steps itself, with gradient transformations "
-        "in its inner optimizer: nnx.Optimizer(model, multi_steps(optax.chain(clip, "
-        "adamw), k, data_axis=...)) (docs/flax.md, 'nnx.Optimizer with multi_steps')")
+        "nnx.State), but not from nnx.Optimizer itself or not of these parameters' "
+        "shapes: inside an optax.chain a transformation before it would act on the "
+        "per-device partial sums. Give nnx.Optimizer the multi_steps itself, with "
+        "gradient transformations in its inner optimizer: nnx.Optimizer(model, "
+        "multi_steps(optax.chain(clip, adamw), k, data_axis=...)) (docs/flax.md, "
+        "'nnx.Optimizer with multi_steps')")
 
 
 def from_nnx_optimizer(updates: Any, params: Any, devices: int, axes: tuple,

@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxaccum._core import dtypes
 from jaxaccum._devices import specs
-from jaxaccum._devices.deferred import DeferredGrads, check_untransformed
+from jaxaccum._devices.deferred import DeferredGrads, check_untransformed, filtered_partials
 from jaxaccum._steps.config import Config
 
 
@@ -66,6 +66,11 @@ def incoming(cfg: Config, updates: Any, acc_grads: Any) -> Any:
         f"multi_steps got DeferredGrads (not yet reduced over {updates.axes}) but was "
         f"built without data_axis; pass multi_steps(..., data_axis={updates.axes!r}) "
         "to reduce them once a cycle, or drop defer_reduction=True")
+  if cfg.data is None and filtered_partials(updates, acc_grads):
+    raise TypeError(
+        "multi_steps got a pytree holding DeferredGrads' partials (as nnx.Optimizer "
+        "filters them) but was built without data_axis; pass multi_steps(..., "
+        "data_axis=...) to reduce them once a cycle, or drop defer_reduction=True")
   if cfg.data is not None:
     check_untransformed(updates, acc_grads)
   check_structure(updates.partials if isinstance(updates, DeferredGrads) else updates,
