@@ -40,20 +40,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import traceback_util
 from jax.sharding import PartitionSpec as P
 
 from jaxaccum import _compat
-from jaxaccum._core import accumulate
-from jaxaccum._devices import parallel
-from jaxaccum._devices import specs as _specs
-from jaxaccum._devices.deferred import DeferredGrads
-from jaxaccum._core import checks
+from jaxaccum._core import accumulate, checks, microbatch
+from jaxaccum._core.accumulate import Layout
 from jaxaccum._core.options import (OPTIONS, STATE_POLICIES, AuxReduction, Options, Reduction,
                                     StatePolicy)
+from jaxaccum._devices import parallel
+from jaxaccum._devices import specs as _specs
 from jaxaccum._devices.data_axis import DataAxis, FsdpGather
-from jaxaccum._core.accumulate import Layout
+from jaxaccum._devices.deferred import DeferredGrads
 
 # Before flax is imported: without it, the error names the extra to install.
 _compat.require_flax("jaxaccum.nnx")
@@ -98,9 +96,10 @@ def value_and_grad(
   place, as by :func:`flax.nnx.value_and_grad`. The options not listed here
   (``microbatch_size``, ``batch_argnames``, ``weight_fn``, ``reduction``,
   ``aux_reduction``, ``accumulator_dtype``, ``axis_name``, ``mesh``,
-  ``with_stats``, ``skip_nonfinite``, ``fsdp_gather``, ``defer_reduction``)
-  mean what they mean for :func:`jaxaccum.value_and_grad`; ``docs/flax.md``
-  details the NNX ones.
+  ``with_stats``, ``skip_nonfinite``, ``fsdp_gather``, ``defer_reduction``,
+  ``in_axes``, ``num_real_microbatches``) mean what they mean for
+  :func:`jaxaccum.value_and_grad` (``docs/options.md``); ``nnx.Rngs``
+  arguments stand for ``rng_argnums``; ``docs/flax.md`` details the NNX ones.
 
   Args:
     f: ``f(model, *args)`` returning a scalar loss, or ``(loss, aux)``. Its
@@ -112,7 +111,8 @@ def value_and_grad(
     has_aux: whether ``f`` returns ``(loss, aux)``.
     num_microbatches: number of micro-batches ``N``.
     batch_argnums: position(s) of the batch argument(s) (default ``1``).
-    data_axis: mesh axis the batch is sharded over, for a jitted step.
+    data_axis: mesh axis the batch is sharded over, for a jitted step, or a
+      :class:`jaxaccum.DataAxis`.
     state_policy: ``"sequential"`` or ``"mean"``, for ``nnx.BatchStat``.
     param_specs: the parameters' ``PartitionSpec`` s on Auto mesh axes (one,
       or a pytree prefix of the gradients); by default those of the
@@ -274,10 +274,8 @@ class _Accumulated:
   def __call__(self, *args, **kwargs):
     spec = self.spec
     args, kwargs = _bound(self.f, args, kwargs)
-    positions = spec.options.batch_argnums + tuple(spec.diff)
-    if positions and max(positions) >= len(args):
-      raise ValueError(f"{spec.options.describe_positions()} must name positional "
-                       f"arguments, but the function was called with {len(args)}")
+    accumulate.check_positions(spec.options, spec.options.batch_argnums + tuple(spec.diff),
+                               len(args))
     arguments, parts, plain = _nnx_args.Arguments.split(args, spec.diff)
     diff = tuple(plain[i] for i in spec.diff)
     param_specs = spec.param_specs(diff)
@@ -329,10 +327,7 @@ class _Accumulated:
 def _unsplit_hint(spec: _Spec, plain: list) -> str | None:
   """Where tracing failed, the differentiated arguments (whole in every
   micro-batch) that have the batch's size, as the core names other arguments."""
-  def leading(tree):
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
-    return sizes.pop() if len(sizes) == 1 else None
-
+  leading = accumulate.leading_size
   batch = [plain[i] for i in spec.options.batch_argnums if i < len(plain)]
   size = leading(batch)
   suspects = [i for i in spec.diff if size is not None and leading(plain[i]) == size]
@@ -350,12 +345,7 @@ def _pure_signature(f: Callable[..., Any], num_args: int) -> inspect.Signature:
   frozen)``: ``f``'s positional parameters by name, one place on, so that
   ``batch_argnames`` naming one of them finds it at its position (every
   argument reaches the core by position, :func:`_bound`)."""
-  try:
-    params = [p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None
-              for p in inspect.signature(f).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  except (TypeError, ValueError):
-    params = []
+  params = microbatch.positional_names(f)
   names = [(params[i] if i < len(params) else None) or f"_jaxaccum_arg{i}"
            for i in range(num_args)]
   names = ["_jaxaccum_diff", *names, *(f"_jaxaccum_{k}" for k in ("stats", "rest", "keys",

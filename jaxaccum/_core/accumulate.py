@@ -222,10 +222,7 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
     return accumulate(plan, *_Static.merge(static, arrays))
 
   def call(*args, **kwargs):
-    if options.positions and max(options.positions) >= len(args):
-      raise ValueError(
-          f"{options.describe_positions()} must name positional arguments, but the "
-          f"function was called with {len(args)}")
+    check_positions(options, options.positions, len(args))
     devices = _data_axis.data_devices(options.data)
     plan = microbatch.plan(options, binding, args, kwargs, devices)
     if options.axis_name or _traced((args, kwargs)) or (
@@ -242,12 +239,12 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
 def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> str | None:
   """Where tracing failed, the arguments left whole that have the batch's size."""
   whole = [i for i, a in enumerate(args)
-           if i not in plan.positions and _leading(a) == plan.size]
+           if i not in plan.positions and leading_size(a) == plan.size]
   # A differentiated argument is a suspect too (argnums=1 on a batch-sized x).
   diff = [i for i in whole if i in options.argnums]
   suspects = [f"{'differentiated' if i in diff else 'positional'} argument {i}" for i in whole]
   suspects += [f"keyword argument {k!r}" for k, v in kwargs.items()
-               if k not in plan.names and _leading(v) == plan.size]
+               if k not in plan.names and leading_size(v) == plan.size]
   if not suspects or plan.n == 1:
     return None
   never = ("; a differentiated argument is never split: differentiate the parameters "
@@ -259,7 +256,15 @@ def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> st
           f"for loss(params, x, y){never}")
 
 
-def _leading(tree: Any) -> int | None:
+def check_positions(options: Options, positions: tuple[int, ...], num_args: int) -> None:
+  """The positional options must name arguments of the call."""
+  if positions and max(positions) >= num_args:
+    raise ValueError(f"{options.describe_positions()} must name positional arguments, but "
+                     f"the function was called with {num_args}")
+
+
+def leading_size(tree: Any) -> int | None:
+  """The leading size shared by ``tree``'s array leaves (``None``: none shared)."""
   sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
   return sizes.pop() if len(sizes) == 1 else None
 

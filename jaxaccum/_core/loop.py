@@ -111,7 +111,7 @@ def _run(options: Options, plan: Plan, grad_fn: Callable[..., Any],
       acc = Accumulator.build(options, like, rows, mean_inputs)
       sums, seq_states, stacked = _scan(
           lambda m: _contribution(acc, strategy, m), strategy, traced,
-          strided, plan, _like(seq_init, seq_like), like, real)
+          strided, plan, specs.varying_like(seq_init, seq_like), like, real)
   with jax.named_scope("jaxaccum/reduce"):
     return _reduce(options, acc, strategy, plan.n, (sums, seq_states, stacked), real)
 
@@ -152,7 +152,7 @@ def _scan(contribution: Callable[[Micro], Any], strategy: parallel.Strategy,
           seq_init: tuple, like: Micro, real: Any):
   """The sums over micro-batches ``0 .. N - 1`` (those below ``real`` only)."""
   sum_shapes, stack_shapes = jax.eval_shape(contribution, like)
-  zeros = _like(strategy.zeros(sum_shapes), sum_shapes)
+  zeros = specs.varying_like(strategy.zeros(sum_shapes), sum_shapes)
 
   def compute(sums, seq_states, index):
     m, seq_states = traced(index, _microbatch.microbatch(strided, plan, index), seq_states)
@@ -161,8 +161,8 @@ def _scan(contribution: Callable[[Micro], Any], strategy: parallel.Strategy,
 
   def skip(sums, seq_states, index):
     del index
-    return (sums, seq_states), jax.tree.map(lambda s: _like(jnp.zeros(s.shape, s.dtype), s),
-                                            stack_shapes)
+    return (sums, seq_states), jax.tree.map(
+        lambda s: specs.varying_like(jnp.zeros(s.shape, s.dtype), s), stack_shapes)
 
   def body(carry, index):
     if real is None:
@@ -173,13 +173,6 @@ def _scan(contribution: Callable[[Micro], Any], strategy: parallel.Strategy,
   (sums, seq_states), stacked = lax.scan(body, (zeros, seq_init),
                                          jnp.arange(plan.n, dtype=jnp.int32))
   return sums, seq_states, stacked
-
-
-def _like(tree: PyTree, shapes: PyTree) -> PyTree:
-  """``tree`` cast device-varying where ``shapes`` are (inside a ``shard_map``
-  over parameters the user made varying, the carry must be too)."""
-  return jax.tree.map(lambda x, s: specs.to_varying(x, tuple(specs.varying_axes(s))),
-                      tree, shapes)
 
 
 def _reduce(options: Options, acc: Accumulator, strategy: parallel.Strategy, n: int,

@@ -41,15 +41,21 @@ class Binding(NamedTuple):
   @classmethod
   def of(cls, fun: Callable[..., Any], options: Options) -> Binding:
     """Reads ``fun``'s signature as ``jax.jit`` does for ``static_argnums``."""
-    try:
-      params = list(inspect.signature(fun).parameters.values())
-    except (TypeError, ValueError):
-      params = []
-    named = [p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None for p in params
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = positional_names(fun)
     names = tuple(named[i] if i < len(named) else None for i in options.batch_argnums)
     positions = tuple(named.index(k) if k in named else None for k in options.batch_argnames)
     return cls(names, positions)
+
+
+def positional_names(fun: Callable[..., Any]) -> list[str | None]:
+  """The name of each positional parameter of ``fun`` (``None`` where it is
+  positional-only); empty where the signature cannot be read."""
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):
+    return []
+  return [p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None for p in params
+          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 class Plan(NamedTuple):

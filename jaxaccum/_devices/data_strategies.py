@@ -43,9 +43,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxaccum import _compat
 from jaxaccum._devices.deferred import DeferredGrads
-from jaxaccum._devices.specs import (Axes, PyTree, axis_spec, entry_axes, entry_of, is_spec, map_specs,
-                                     only, sharded_over, spec_of, to_varying, without,
-                                     zeros_of_type)
+from jaxaccum._devices.specs import (Axes, PyTree, axis_spec, entry_axes, entry_of,
+                                     explicit_names, is_spec, map_specs, only, prefix_specs,
+                                     sharded_over, spec_of, to_varying, without, zeros_of_type)
 
 class BatchLayout(NamedTuple):
   """Where one call's arguments are, as the ``shard_map`` specs need them.
@@ -262,8 +262,9 @@ class ShardMapData(_Strategy):
       return lax.psum(others, self.axes), grads
     if not self.per_microbatch:
       grads = map_specs(self._scatter, grads, self.grad_specs)
-    rest = map_specs(lambda g, s: tuple(a for a in self.axes if a not in sharded_over(s, self.axes)),
-                grads, self.grad_specs)
+    rest = map_specs(
+        lambda g, s: tuple(a for a in self.axes if a not in sharded_over(s, self.axes)),
+        grads, self.grad_specs)
     flat, treedef = jax.tree.flatten(grads)
     rests = treedef.flatten_up_to(rest)
     groups: dict[tuple, list[int]] = {}
@@ -294,8 +295,7 @@ class ShardMapData(_Strategy):
 
 def _explicit_others(mesh: Any, axes: Axes) -> tuple:
   """The Explicit axes of ``mesh`` other than ``axes``."""
-  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
-               if a not in axes and t == jax.sharding.AxisType.Explicit)
+  return tuple(a for a in explicit_names(mesh) if a not in axes)
 
 
 def _merged(outer: P, inner: P, ndim: int) -> P:
@@ -333,8 +333,7 @@ def _others_kept(mesh: Any, axes: Axes, others: tuple, body: Callable[..., Any],
       tree = jax.tree.map(lambda x: jax.sharding.reshard(x, only(spec_of(x), axes)), tree)
       out = jax.shard_map(explicit_body, in_specs=in_specs, out_specs=out_specs,
                           axis_names=frozenset(axes))(*tree)
-    outer = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), out_specs, out,
-                         is_leaf=is_spec)
+    outer = prefix_specs(out_specs, out)
     return jax.tree.map(lambda o, i, x: jax.sharding.reshard(x, _merged(o, i, np.ndim(x))),
                         outer, inner[0], out, is_leaf=is_spec)
 
@@ -348,17 +347,14 @@ def _to_specs(mesh, axes: Axes, specs: PyTree, tree: PyTree) -> PyTree:
   to = ((lambda spec: NamedSharding(mesh, spec))
         if isinstance(mesh, jax.sharding.Mesh) else (lambda spec: spec))
 
-  def one(spec, x):
+  def one(x, spec):
     have = spec_of(x)
     if only(have, axes) == spec:
       return x
-    kept = without(have, axes, np.ndim(x))
-    merged = [entry_of(entry_axes(k) + entry_axes(s)) for k, s in
-              zip(tuple(kept), tuple(spec) + (None,) * (np.ndim(x) - len(spec)))]
-    return jax.sharding.reshard(x, to(P(*merged)))
+    return jax.sharding.reshard(x, to(_merged(spec, without(have, axes, np.ndim(x)),
+                                              np.ndim(x))))
 
-  return jax.tree.map(lambda spec, sub: jax.tree.map(lambda x: one(spec, x), sub),
-                      specs, tree, is_leaf=is_spec)
+  return map_specs(one, tree, prefix_specs(specs, tree))
 
 
 def _arrays_only(tree: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:

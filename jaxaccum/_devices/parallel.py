@@ -124,7 +124,6 @@ class Named(Local):
   """Inside ``jax.pmap`` / ``jax.shard_map``: one ``psum`` over ``axes``."""
 
   axes: Axes
-  salted: bool = False
   manual = True
 
   def prepare(self, tree: PyTree) -> PyTree:
@@ -139,9 +138,6 @@ class Named(Local):
 
   def num_devices(self) -> int:
     return math.prod(lax.axis_size(a) for a in self.axes)
-
-  def rng_salt(self) -> jax.Array | None:
-    return lax.axis_index(axis_spec(self.axes)) if self.salted else None
 
 
 def check_bound(axes: Axes) -> None:

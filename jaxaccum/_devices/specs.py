@@ -28,6 +28,12 @@ def is_spec(x: Any) -> bool:
   return isinstance(x, P)
 
 
+def explicit_names(mesh: Any) -> tuple:
+  """The names of ``mesh``'s Explicit axes."""
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == jax.sharding.AxisType.Explicit)
+
+
 def explicit_axes(mesh: Any, axes: Axes) -> bool:
   """Whether every one of ``axes`` is an Explicit axis of ``mesh``."""
   types = dict(zip(mesh.axis_names, mesh.axis_types))
@@ -114,3 +120,10 @@ def to_varying(tree: PyTree, axes: Axes) -> PyTree:
     return _compat.pcast_to_varying(x, missing) if missing else x
 
   return jax.tree.map(cast, tree)
+
+
+def varying_like(tree: PyTree, shapes: PyTree) -> PyTree:
+  """``tree`` cast device-varying where the types ``shapes`` are (inside a
+  user's ``shard_map`` over device-varying parameters, a loop carry or both
+  branches of a ``lax.cond`` must have their types)."""
+  return jax.tree.map(lambda x, s: to_varying(x, tuple(varying_axes(s))), tree, shapes)

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxaccum._devices.data_axis import DataAxis
 from jaxaccum._devices import specs as _specs
@@ -124,8 +124,7 @@ class DataCycle:
       named = {a for s in jax.tree.leaves(specs, is_leaf=_specs.is_spec)
                for e in s for a in _specs.entry_axes(e)}
       return frozenset(self.axes) | named
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    return frozenset(self.axes) | {a for a, t in types.items() if t == AxisType.Explicit}
+    return frozenset(self.axes) | frozenset(_specs.explicit_names(mesh))
 
   def _only(self, specs: PyTree, manual: frozenset) -> PyTree:
     return jax.tree.map(lambda s: _specs.only(s, tuple(manual)), specs, is_leaf=_specs.is_spec)

@@ -1,9 +1,10 @@
 """Across-step accumulation: an optax transformation, inner update once a cycle.
 
-Options and inputs are validated here too: a value ``multi_steps`` cannot
-honour is a ``TypeError`` (wrong type) or a ``ValueError`` (wrong value)
-naming the option, the value and the fix, where it is known when tracing;
-a traced value it cannot honour makes the cycle's updates NaN.
+Its options are validated when it is built (:mod:`jaxaccum._steps.config`),
+its inputs when ``update`` traces (:mod:`jaxaccum._steps.checks`): a value
+``multi_steps`` cannot honour is a ``TypeError`` (wrong type) or a
+``ValueError`` (wrong value) naming the option, the value and the fix; a
+traced value it cannot honour makes the cycle's updates NaN.
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def _cycle_end(cfg: Config, k: jax.Array, emit: jax.Array, inner_update: Callabl
     shapes, state_shapes = jax.eval_shape(inner_update, grads, inner_state)
     zero_updates = jax.tree.map(_zeros_of, shapes)
     if not axes:  # with axis_name the inner update sees reduced, invariant sums
-      zero_updates, inner_state = _varying_like((zero_updates, inner_state),
+      zero_updates, inner_state = specs.varying_like((zero_updates, inner_state),
                                                 (shapes, state_shapes))
     return (zero_updates, inner_state,
             specs.to_varying((acc_grads, acc_weight), axes))
@@ -289,14 +290,6 @@ def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
   if not _named(getattr(sharding, "spec", P())):
     return jnp.zeros(shape.shape, shape.dtype)
   return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
-
-
-def _varying_like(tree: Any, shapes: Any) -> Any:
-  """``tree`` device-varying where ``shapes`` are: inside a user's ``shard_map``
-  over device-varying parameters (no ``axis_name``), the inner update varies
-  over its axes, and both cond branches must have its types."""
-  return jax.tree.map(lambda x, s: specs.to_varying(x, tuple(specs.varying_axes(s))),
-                      tree, shapes)
 
 
 def _named(spec: P) -> bool:
