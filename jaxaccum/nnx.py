@@ -274,7 +274,7 @@ class _Accumulated:
   def __call__(self, *args, **kwargs):
     spec = self.spec
     args, kwargs = _bound(self.f, args, kwargs)
-    accumulate.check_positions(spec.options, spec.options.batch_argnums + tuple(spec.diff),
+    microbatch.check_positions(spec.options, spec.options.batch_argnums + tuple(spec.diff),
                                len(args))
     arguments, parts, plain = _nnx_args.Arguments.split(args, spec.diff)
     diff = tuple(plain[i] for i in spec.diff)

@@ -222,7 +222,7 @@ def build(fun: Callable[..., Any], options: Options) -> Callable[..., _loop.Outp
     return accumulate(plan, *_Static.merge(static, arrays))
 
   def call(*args, **kwargs):
-    check_positions(options, options.positions, len(args))
+    microbatch.check_positions(options, options.positions, len(args))
     devices = _data_axis.data_devices(options.data)
     plan = microbatch.plan(options, binding, args, kwargs, devices)
     if options.axis_name or _traced((args, kwargs)) or (
@@ -254,13 +254,6 @@ def _unsplit_hint(options: Options, plan: Plan, args: tuple, kwargs: dict) -> st
           f"of the batch, name it in batch_argnums (now {options.batch_argnums}) or "
           f"batch_argnames (now {options.batch_argnames}), e.g. batch_argnums=(1, 2) "
           f"for loss(params, x, y){never}")
-
-
-def check_positions(options: Options, positions: tuple[int, ...], num_args: int) -> None:
-  """The positional options must name arguments of the call."""
-  if positions and max(positions) >= num_args:
-    raise ValueError(f"{options.describe_positions()} must name positional arguments, but "
-                     f"the function was called with {num_args}")
 
 
 def leading_size(tree: Any) -> int | None:

@@ -85,6 +85,13 @@ class Batch(NamedTuple):
   kwargs: dict
 
 
+def check_positions(options: Options, positions: tuple[int, ...], num_args: int) -> None:
+  """The positional options must name arguments of the call."""
+  if positions and max(positions) >= num_args:
+    raise ValueError(f"{options.describe_positions()} must name positional arguments, but "
+                     f"the function was called with {num_args}")
+
+
 def plan(options: Options, binding: Binding, args: tuple, kwargs: dict,
          devices: int = 1) -> Plan:
   """The :class:`Plan` of a call; raises ValueError for a batch it cannot split."""
