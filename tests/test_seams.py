@@ -46,19 +46,26 @@ def _ms(devices):
   return jaxaccum.multi_steps(optax.sgd(1.0), K, data_axis="data")
 
 
+def _deferred_grad_fn():
+  return jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data",
+                                 defer_reduction=True)
+
+
+def _step(grad_fn, tx):
+  """The jitted train step: ``grad_fn``'s gradients through ``tx``."""
+  @jax.jit
+  def step(params, state, batch):
+    _, grads = grad_fn(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
 def _train(devices, params, state, calls, defer):
   """``calls`` through ``multi_steps`` on a mesh of ``devices`` (``None``: one
   device, no ``data_axis``), deferred gradients or ordinary ones."""
   ms, mesh = _ms(devices), _mesh(devices or 1)
-  grad_fn = (jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data",
-                                     defer_reduction=True) if defer else jax.value_and_grad(loss))
-
-  @jax.jit
-  def step(params, state, batch):
-    _, grads = grad_fn(params, batch)
-    updates, state = ms.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  step = _step(_deferred_grad_fn() if defer else jax.value_and_grad(loss), ms)
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
     if state is None:
@@ -140,17 +147,7 @@ def test_an_accumulator_of_other_parameters_is_an_error():
 
 def _deferred_step(tx):
   """A jitted step applying ``tx`` to DeferredGrads on 8 devices."""
-  grad_fn = jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data",
-                                    defer_reduction=True)
-  mesh = _mesh(8)
-  params, batch = _problem()
-
-  @jax.jit
-  def step(params, state, batch):
-    _, grads = grad_fn(params, batch)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
+  step, mesh, (params, batch) = _step(_deferred_grad_fn(), tx), _mesh(8), _problem()
   with jax.set_mesh(mesh):
     params = jax.device_put(params, NamedSharding(mesh, P()))
     step(params, tx.init(params), jax.device_put(batch, NamedSharding(mesh, P("data"))))
@@ -173,8 +170,7 @@ def _boundaries(launder):
   fast path from the second call on), each handed through ``launder`` to an
   eager ``multi_steps`` update; the parameters after one cycle, and the
   reference (sgd on the sum over the devices' rows of each call)."""
-  grad_fn = jax.jit(jaxaccum.value_and_grad(loss, num_microbatches=2, data_axis="data",
-                                            defer_reduction=True))
+  grad_fn = jax.jit(_deferred_grad_fn())
   ms = jaxaccum.multi_steps(optax.sgd(1.0), K, data_axis="data")
   mesh, (params, batch) = _mesh(8), _problem()
   want = jax.tree.map(lambda p, g: p - g, params, jax.grad(loss)(params, batch))

@@ -134,10 +134,10 @@ class DataAxis:
     """Whether the axes are Explicit axes of ``mesh``."""
     return explicit_axes(mesh, self.axes)
 
-  def specs(self, tree: PyTree, mesh: Any, given: Any = None) -> PyTree:
+  def specs(self, tree: PyTree, mesh: Any, given: Any) -> PyTree:
     """Per leaf of ``tree``, its ``PartitionSpec``: from its type on Explicit
-    axes, else from ``given`` (default ``param_specs``; ``None``: replicated)."""
-    given = self.param_specs if given is None else given
+    axes, else from ``given`` (``param_specs`` or its entry for ``tree``;
+    ``None``: replicated)."""
     if self.explicit(mesh) or given is None:
       # On Auto axes a sharding is invisible inside jit: replicated over data.
       return jax.tree.map(spec_of if self.explicit(mesh) else (lambda _: P()), tree)
@@ -211,10 +211,10 @@ class DataStrategy:
   def _specs(self, diff: tuple, mesh: Any) -> tuple:
     """Per differentiated argument, a pytree of PartitionSpecs matching it."""
     given = self.data.param_specs
-    if self.options.argnums_is_int or given is None:
-      return (self.data.specs(diff[0], mesh),) if self.options.argnums_is_int else tuple(
-          self.data.specs(d, mesh) for d in diff)
-    return tuple(self.data.specs(d, mesh, g) for d, g in zip(diff, given, strict=True))
+    if self.options.argnums_is_int:
+      return (self.data.specs(diff[0], mesh, given),)
+    per_argument = (None,) * len(diff) if given is None else given
+    return tuple(self.data.specs(d, mesh, g) for d, g in zip(diff, per_argument, strict=True))
 
 
 def _check_spec(spec: P, x: Any, mesh: Any) -> None:

@@ -66,7 +66,7 @@ class DataCycle:
 
   def specs(self, tree: PyTree, mesh: Any) -> PyTree:
     """Per leaf of ``tree`` (parameters or gradients), its ``PartitionSpec``."""
-    return self.data.specs(tree, mesh)
+    return self.data.specs(tree, mesh, self.data.param_specs)
 
   def partial_spec(self, spec: P, ndim: int) -> P:
     """The accumulator's spec for a parameter of ``spec``: data axes on a new
